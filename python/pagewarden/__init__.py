@@ -1,0 +1,54 @@
+"""pagewarden: serve a VM's guest memory through Linux userfaultfd during post-copy live migration
+and lazy snapshot restore, and keep hardware memory poison across the move.
+
+Faults are resolved in Rust on native threads without the GIL; Python sets things up, watches and
+decides policy. See ``pagewarden.Handler`` to begin.
+"""
+
+from __future__ import annotations
+
+from pagewarden._native import (
+    ConfigurationError,
+    FileSource,
+    GuestAddressError,
+    GuestMemory,
+    Handler,
+    HandlerClosedError,
+    MemorySource,
+    PagewardenError,
+    PoisonedPageError,
+    PoisonFileError,
+    PoisonSet,
+    PolicyError,
+    ProtocolError,
+    SourceError,
+    TouchResult,
+    UnsupportedError,
+    ZeroSource,
+    __version__,
+    capabilities,
+    page_checksum,
+)
+
+__all__ = [
+    "ConfigurationError",
+    "FileSource",
+    "GuestAddressError",
+    "GuestMemory",
+    "Handler",
+    "HandlerClosedError",
+    "MemorySource",
+    "PagewardenError",
+    "PoisonFileError",
+    "PoisonSet",
+    "PoisonedPageError",
+    "PolicyError",
+    "ProtocolError",
+    "SourceError",
+    "TouchResult",
+    "UnsupportedError",
+    "ZeroSource",
+    "__version__",
+    "capabilities",
+    "page_checksum",
+]

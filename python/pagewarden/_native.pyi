@@ -1,0 +1,195 @@
+"""Type stubs for pagewarden's native core (``pagewarden._native``)."""
+
+from collections.abc import Buffer, Iterable, Iterator
+from os import PathLike
+from types import TracebackType
+from typing import Any, Literal
+
+__version__: str
+
+class PagewardenError(OSError):
+    """Root of every pagewarden error (an OSError; ``errno`` says the kind)."""
+
+class UnsupportedError(PagewardenError):
+    """The kernel or this process's permissions do not allow it."""
+
+class PoisonedPageError(PagewardenError):
+    """A guest page is poisoned; ``guest_address`` names it."""
+
+    guest_address: int
+
+class SourceError(PagewardenError):
+    """The page source cannot produce a page."""
+
+class ProtocolError(PagewardenError):
+    """A peer broke the wire protocol."""
+
+class PoisonFileError(PagewardenError):
+    """A poison file is unreadable, corrupt, truncated, of another version or misaligned."""
+
+class HandlerClosedError(PagewardenError):
+    """The handler is closed, or its event loop has stopped."""
+
+class PolicyError(PagewardenError):
+    """A Python policy callback raised; the original is the ``__cause__``."""
+
+class GuestAddressError(PagewardenError):
+    """A guest address or range outside guest memory, or not page aligned."""
+
+class ConfigurationError(PagewardenError):
+    """A bad argument: a size that is not a page multiple, an unknown mode, overlapping regions."""
+
+def capabilities() -> dict[str, Any]:
+    """The machine's userfaultfd capabilities (kernel features, open methods, hugepages, KVM)."""
+
+def page_checksum(data: bytes) -> int:
+    """The checksum ``GuestMemory.touch`` reports for a page with these bytes."""
+
+class TouchResult:
+    """What ``GuestMemory.touch`` saw."""
+
+    @property
+    def pages(self) -> int: ...
+    @property
+    def checksums(self) -> dict[int, int]: ...
+    @property
+    def poisoned(self) -> list[int]: ...
+    @property
+    def sigbus(self) -> list[tuple[int, int, int]]: ...
+    @property
+    def latency_dist_us_log2(self) -> list[int]: ...
+    @property
+    def latency_ns_avg(self) -> int: ...
+    @property
+    def elapsed_s(self) -> float: ...
+
+class GuestMemory:
+    """A range of guest addresses backed by a local mapping."""
+
+    @staticmethod
+    def anonymous(size: int, guest_address: int = 0) -> GuestMemory:
+        """Private anonymous memory (MISSING mode only)."""
+    @staticmethod
+    def memfd(size: int, hugepages: bool = False, guest_address: int = 0) -> GuestMemory:
+        """A shared memfd: shmem (4 KiB pages) or hugetlb (2 MiB pages)."""
+    @staticmethod
+    def from_address(
+        address: int, size: int, page_size: int = 4096, guest_address: int = 0
+    ) -> GuestMemory:
+        """The caller's existing, entirely mapped range at host ``address``."""
+    @property
+    def address(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def guest_address(self) -> int: ...
+    @property
+    def kind(self) -> Literal["anonymous", "shmem", "hugetlb", "external"]: ...
+    def guest_address_of(self, host_address: int) -> int | None:
+        """The guest address of a host address inside this memory, or None."""
+    def host_address_of(self, guest_address: int) -> int | None:
+        """The host address of a guest address inside this memory, or None."""
+    def read(self, guest_address: int, length: int) -> bytes:
+        """Reads through the kernel path with the GIL released; PoisonedPageError on poison."""
+    def touch(
+        self,
+        pages: Iterable[int] | None = None,
+        threads: int = 1,
+        order: Literal["sequential", "random"] = "sequential",
+        via: Literal["load", "kernel"] = "load",
+        seed: int = 0,
+    ) -> TouchResult:
+        """Touches pages from native threads like a guest would; reports what each page gave."""
+
+class PoisonSet:
+    """A set of poisoned guest pages (guest addresses with a page size)."""
+
+    def __init__(self, guest_addresses: Iterable[int] = ..., page_size: int = 4096) -> None: ...
+    @property
+    def page_size(self) -> int: ...
+    def add(self, guest_address: int) -> bool:
+        """Adds a page-aligned guest address; True if it was new."""
+    def add_range(self, guest_address: int, length: int) -> int:
+        """Adds a page-aligned range; returns the number of new pages."""
+    def __contains__(self, guest_address: object) -> bool: ...
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterator[int]: ...
+    def __or__(self, other: PoisonSet) -> PoisonSet: ...
+    def __eq__(self, other: object) -> bool: ...
+    def ranges(self) -> list[tuple[int, int]]:
+        """Sorted, coalesced (start guest address, length in bytes) pairs."""
+    def intersects(self, guest_address: int, length: int) -> bool:
+        """True if any page overlapping the range is poisoned."""
+    def with_page_size(self, page_size: int) -> PoisonSet:
+        """The same poison at another page size."""
+    def union(self, other: PoisonSet) -> PoisonSet:
+        """The union, at the smaller page size."""
+    def memory_bytes(self) -> int:
+        """Approximate bytes of memory the set holds."""
+    def save(self, path: str | PathLike[str]) -> None:
+        """Writes versioned JSON atomically."""
+    @staticmethod
+    def load(path: str | PathLike[str]) -> PoisonSet:
+        """Reads a saved set; PoisonFileError on a bad file."""
+    def to_json(self) -> str:
+        """The JSON text ``save`` writes."""
+    @staticmethod
+    def from_json(text: str, name: str = "<string>") -> PoisonSet:
+        """Parses JSON text as ``load`` does."""
+
+class FileSource:
+    """A guest memory image file: the byte at offset X is guest address X."""
+
+    def __init__(self, path: str | PathLike[str]) -> None: ...
+    @property
+    def path(self) -> str: ...
+
+class MemorySource:
+    """Bytes of a C-contiguous buffer, served without a copy."""
+
+    def __init__(self, buffer: Buffer) -> None: ...
+    def __len__(self) -> int: ...
+
+class ZeroSource:
+    """Every page reads zero."""
+
+    def __init__(self) -> None: ...
+
+class Handler:
+    """Serves guest memory through userfaultfd, keeping poison poisoned."""
+
+    def __init__(
+        self,
+        memory: GuestMemory | Iterable[GuestMemory],
+        source: FileSource | MemorySource | ZeroSource,
+        poison: PoisonSet | None = None,
+        mode: Literal["missing", "minor"] = "missing",
+        prefetch: bool = True,
+    ) -> None: ...
+    def start(self) -> None:
+        """Starts the native event loop; returns at once."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once every page is resolved; False on timeout; raises the first fatal error."""
+    def check(self) -> None:
+        """Raises the handler's first fatal error, if any."""
+    def stats(self) -> dict[str, Any]:
+        """Counters and the latency histogram."""
+    def poison_set(self) -> PoisonSet:
+        """Initial poison plus poison discovered during the run."""
+    def page_state(
+        self, guest_address: int
+    ) -> Literal["missing", "in_flight", "present", "poisoned", "removed", "fenced"] | None:
+        """The state of the page holding ``guest_address``."""
+    @property
+    def running(self) -> bool: ...
+    def close(self) -> None:
+        """Stops the loop; pages still missing are fenced (SIGBUS, never zeros). Idempotent."""
+    def __enter__(self) -> Handler: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool: ...

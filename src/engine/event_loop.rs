@@ -1,0 +1,635 @@
+//! The event loop: one native thread, epoll over the uffd and a stop eventfd. Each wake reads many
+//! messages; events (REMOVE/UNMAP/REMAP) are applied before the faults read with them, because
+//! every resolution ioctl fails with EAGAIN while an event is queued. Faults come first; when
+//! none are waiting, one background prefetch chunk runs, its size adapting as CRIU's does.
+//! Nothing here allocates, locks or logs per fault.
+
+use std::os::fd::AsFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::poll::PollTimeout;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+
+use super::{Mode, Region, Shared, Stats};
+use crate::error::{Error, Result};
+use crate::memory::MemoryKind;
+use crate::pagestate::PageState;
+use crate::source::PageData;
+use crate::sys::{UffdEvent, UffdMsg, UFFD_PAGEFAULT_FLAG_MINOR};
+use crate::uffd::Partial;
+
+const MESSAGE_BATCH: usize = 64;
+const PREFETCH_MIN: u64 = 64 << 10;
+const PREFETCH_MAX: u64 = 4 << 20;
+const RETRY_CAPACITY: usize = 4096;
+
+/// A fault that must be retried after the queued events are read.
+#[derive(Debug, Clone, Copy)]
+struct PendingFault {
+    region: usize,
+    index: usize,
+    minor: bool,
+    started: Instant,
+}
+
+/// What fills a run of claimed pages.
+#[derive(Debug, Clone, Copy)]
+enum Fill {
+    /// Source bytes at this address (for the run's first page).
+    Source(u64),
+    /// Zeros.
+    Zero,
+    /// MINOR mode: map what the page cache already holds.
+    PageCache,
+}
+
+/// How a resolution ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    /// An event is queued (EAGAIN) or the process is going away: try again later.
+    Again,
+}
+
+/// Runs the loop until the stop flag is set; a panic or fatal error turns it fail-stop.
+pub(crate) fn run(shared: &Shared) {
+    let mut failed = false;
+    for _attempt in 0..2 {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let mut event_loop = EventLoop::new(shared, failed)?;
+            event_loop.run()
+        }));
+        match outcome {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => {
+                shared.set_failure(e);
+                break;
+            }
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                shared.set_failure(Error::HandlerClosed(format!(
+                    "pagewarden's event loop stopped after an internal error: {message}"
+                )));
+                // Keep serving faults fail-stop (fences) so that no thread hangs.
+                failed = true;
+            }
+        }
+    }
+    shared.fence_missing();
+    shared.notify();
+}
+
+struct EventLoop<'a> {
+    sh: &'a Shared,
+    epoll: Epoll,
+    messages: [UffdMsg; MESSAGE_BATCH],
+    retry: Vec<PendingFault>,
+    retry_next: Vec<PendingFault>,
+    failed: bool,
+    prefetching: bool,
+    chunk: u64,
+    cursor: (usize, usize),
+    complete_notified: bool,
+    process_gone: bool,
+}
+
+impl<'a> EventLoop<'a> {
+    fn new(sh: &'a Shared, failed: bool) -> Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| Error::os("epoll_create", e))?;
+        epoll
+            .add(sh.uffd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 0))
+            .map_err(|e| Error::os("epoll_ctl(uffd)", e))?;
+        epoll
+            .add(
+                sh.stop_event.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLIN, 1),
+            )
+            .map_err(|e| Error::os("epoll_ctl(eventfd)", e))?;
+        Ok(Self {
+            sh,
+            epoll,
+            messages: [UffdMsg::default(); MESSAGE_BATCH],
+            retry: Vec::with_capacity(RETRY_CAPACITY),
+            retry_next: Vec::with_capacity(RETRY_CAPACITY),
+            failed,
+            prefetching: sh.config.prefetch && !failed,
+            chunk: PREFETCH_MIN,
+            cursor: (0, 0),
+            complete_notified: false,
+            process_gone: false,
+        })
+    }
+
+    fn run(&mut self) -> Result<()> {
+        loop {
+            if self.sh.stop.load(Ordering::Acquire) || self.process_gone {
+                return Ok(());
+            }
+            let faults = self.service()?;
+            if !self.retry.is_empty() {
+                // The kernel clears its "mmap changing" mark once the event we just read is
+                // acknowledged by the thread that raised it; give that thread the CPU.
+                std::thread::yield_now();
+                continue;
+            }
+            if self.prefetching {
+                self.chunk = if faults > 0 {
+                    PREFETCH_MIN
+                } else {
+                    (self.chunk * 2).min(PREFETCH_MAX)
+                };
+                if let Err(e) = self.prefetch_step() {
+                    self.fail(e);
+                }
+                continue;
+            }
+            self.check_complete();
+            let mut events = [EpollEvent::empty(); 2];
+            match self.epoll.wait(&mut events, PollTimeout::NONE) {
+                Ok(_) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::os("epoll_wait", e)),
+            }
+        }
+    }
+
+    fn check_complete(&mut self) {
+        let complete = self.sh.all_resolved();
+        if complete && !self.complete_notified {
+            self.sh.notify();
+        }
+        self.complete_notified = complete;
+    }
+
+    fn fail(&mut self, error: Error) {
+        if !self.failed {
+            self.failed = true;
+            self.prefetching = false;
+            self.sh.set_failure(error);
+        }
+    }
+
+    /// Reads and handles every queued message; returns the number of faults handled.
+    fn service(&mut self) -> Result<u64> {
+        let mut faults = 0;
+        loop {
+            let n = self
+                .sh
+                .uffd
+                .read_messages(&mut self.messages)
+                .map_err(|e| Error::os("read from the uffd", e))?;
+            if n == 0 {
+                break;
+            }
+            let now = Instant::now();
+            for i in 0..n {
+                let event = self.messages[i].decode();
+                if !matches!(event, UffdEvent::PageFault { .. }) {
+                    self.event(event);
+                }
+            }
+            for i in 0..n {
+                if let UffdEvent::PageFault { flags, address, .. } = self.messages[i].decode() {
+                    faults += 1;
+                    Stats::add(&self.sh.stats.faults, 1);
+                    self.fault(flags, address, now);
+                }
+            }
+            if n < MESSAGE_BATCH {
+                break;
+            }
+        }
+        if !self.retry.is_empty() {
+            std::mem::swap(&mut self.retry, &mut self.retry_next);
+            for k in 0..self.retry_next.len() {
+                let pending = self.retry_next[k];
+                self.resolve(pending);
+            }
+            self.retry_next.clear();
+        }
+        Ok(faults)
+    }
+
+    fn locate(&self, address: u64) -> Option<(usize, usize)> {
+        self.sh
+            .regions
+            .iter()
+            .position(|r| address >= r.start && address < r.end)
+            .map(|ri| {
+                let r = &self.sh.regions[ri];
+                (ri, ((address - r.start) / r.page_size) as usize)
+            })
+    }
+
+    fn fault(&mut self, flags: u64, address: u64, started: Instant) {
+        let Some((region, index)) = self.locate(address) else {
+            // Not ours (a region moved by mremap, say): fence the page rather than leave the
+            // thread asleep or give it zeros.
+            Stats::add(&self.sh.stats.unknown_faults, 1);
+            let page = address & !4095;
+            let _ = self.sh.uffd.poison(page, 4096, true);
+            return;
+        };
+        let minor = flags & UFFD_PAGEFAULT_FLAG_MINOR != 0;
+        self.resolve(PendingFault {
+            region,
+            index,
+            minor,
+            started,
+        });
+    }
+
+    fn resolve(&mut self, fault: PendingFault) {
+        let result = self.resolve_inner(fault);
+        match result {
+            Ok(Outcome::Done) => self.sh.stats.record_latency(fault.started.elapsed()),
+            Ok(Outcome::Again) => {
+                Stats::add(&self.sh.stats.eagain_retries, 1);
+                if !self.process_gone {
+                    self.retry.push(fault);
+                }
+            }
+            Err(e) => {
+                self.fail(e);
+                self.fence(fault.region, fault.index);
+                self.sh.stats.record_latency(fault.started.elapsed());
+            }
+        }
+    }
+
+    fn resolve_inner(&mut self, fault: PendingFault) -> Result<Outcome> {
+        let sh = self.sh;
+        let region = &sh.regions[fault.region];
+        let minor_mode = sh.config.mode == Mode::Minor;
+        match region.states.get(fault.index) {
+            PageState::Poisoned | PageState::Fenced => self.poison_page(region, fault.index),
+            PageState::Missing if self.failed => {
+                self.fence(fault.region, fault.index);
+                Ok(Outcome::Done)
+            }
+            PageState::Missing => match region.states.claim(fault.index) {
+                Ok(prev) => {
+                    let gpa = region.guest_address_of_page(fault.index);
+                    let fill = match sh.source.locate(gpa, region.page_size) {
+                        Ok(PageData::Address(a)) => Fill::Source(a),
+                        Ok(PageData::Zero) => Fill::Zero,
+                        Err(e) => {
+                            region
+                                .states
+                                .transition_from(fault.index, PageState::InFlight, prev);
+                            return Err(e);
+                        }
+                    };
+                    self.fill_run(fault.region, fault.index, 1, fill, prev, false)
+                }
+                // Lost a race with another resolver: look again.
+                Err(_) => self.resolve_inner(fault),
+            },
+            PageState::Removed => match region.states.claim(fault.index) {
+                Ok(prev) => {
+                    // A MINOR fault on a removed page: DONTNEED on shared memory leaves the page
+                    // cache as it was, so map it as it is; a hole reads zero.
+                    let fill = if minor_mode && fault.minor {
+                        Fill::PageCache
+                    } else {
+                        Fill::Zero
+                    };
+                    self.fill_run(fault.region, fault.index, 1, fill, prev, false)
+                }
+                Err(_) => self.resolve_inner(fault),
+            },
+            PageState::Present | PageState::InFlight => {
+                // Usually a second thread's fault on a page resolved since it was queued: the
+                // ioctl below finds it mapped (EEXIST) and wakes the range. If the page was
+                // dropped behind our back (hole punched through the fd, MADV_FREE), the guest
+                // would read zeros without us too, so zeros are right.
+                let host = region.start + fault.index as u64 * region.page_size;
+                let ps = region.page_size;
+                let res = if minor_mode {
+                    match sh.uffd.continue_range(host, ps, true) {
+                        Err(p) if p.errno != Errno::EEXIST && p.errno != Errno::EAGAIN => {
+                            let offset = fault.index as u64 * ps;
+                            region
+                                .memory
+                                .zero_page_cache(offset, ps, false)
+                                .map_err(|e| Error::os("fallocate", e))?;
+                            sh.uffd.continue_range(host, ps, true)
+                        }
+                        other => other,
+                    }
+                } else if region.memory.kind() == MemoryKind::Hugetlb {
+                    sh.uffd.copy(host, sh.zero_page.as_ptr() as u64, ps, true)
+                } else {
+                    sh.uffd.zeropage(host, ps, true)
+                };
+                self.settle_single(region, host, res, "resolving a repeated fault")
+            }
+        }
+    }
+
+    /// Handles the result of a one-page ioctl that changes no page state.
+    fn settle_single(
+        &mut self,
+        region: &Region,
+        host: u64,
+        res: std::result::Result<(), Partial>,
+        op: &str,
+    ) -> Result<Outcome> {
+        match res {
+            Ok(()) => Ok(Outcome::Done),
+            Err(p) => match p.errno {
+                Errno::EEXIST => {
+                    Stats::add(&self.sh.stats.eexist, 1);
+                    let _ = self.sh.uffd.wake(host, region.page_size);
+                    Ok(Outcome::Done)
+                }
+                Errno::EAGAIN => Ok(Outcome::Again),
+                // The range was unmapped meanwhile: nobody can be waiting on it.
+                Errno::ENOENT => Ok(Outcome::Done),
+                Errno::ESRCH => {
+                    self.process_gone = true;
+                    Ok(Outcome::Again)
+                }
+                e => Err(Error::os(
+                    format!(
+                        "{op} at guest address {:#x}",
+                        region.memory.guest_address() + (host - region.start)
+                    ),
+                    e,
+                )),
+            },
+        }
+    }
+
+    /// Installs a poison marker on one page of `region`.
+    fn poison_page(&mut self, region: &Region, index: usize) -> Result<Outcome> {
+        let host = region.start + index as u64 * region.page_size;
+        let res = self.sh.uffd.poison(host, region.page_size, true);
+        if res.is_ok() {
+            Stats::add(&self.sh.stats.pages_poisoned, 1);
+        }
+        self.settle_single(region, host, res, "UFFDIO_POISON")
+    }
+
+    /// Fail-stop for one page: poison it (not hardware poison) so its thread wakes to a SIGBUS.
+    fn fence(&mut self, region_index: usize, index: usize) {
+        let region = &self.sh.regions[region_index];
+        let _ = region.states.transition(index, PageState::Fenced);
+        let host = region.start + index as u64 * region.page_size;
+        if self.sh.uffd.poison(host, region.page_size, true).is_ok() {
+            Stats::add(&self.sh.stats.pages_fenced, 1);
+        }
+    }
+
+    /// Fills pages `[first, first + count)` of a region, all claimed (InFlight) by us and
+    /// previously `prev`, with one ranged ioctl where possible; partial progress is kept.
+    fn fill_run(
+        &mut self,
+        region_index: usize,
+        first: usize,
+        count: usize,
+        fill: Fill,
+        prev: PageState,
+        prefetch: bool,
+    ) -> Result<Outcome> {
+        let sh = self.sh;
+        let region = &sh.regions[region_index];
+        let ps = region.page_size;
+        let minor_mode = sh.config.mode == Mode::Minor;
+        let hugetlb = region.memory.kind() == MemoryKind::Hugetlb;
+        let end = first + count;
+        let mut i = first;
+        let release = |from: usize| {
+            for k in from..end {
+                region.states.transition_from(k, PageState::InFlight, prev);
+            }
+        };
+        while i < end {
+            let host = region.start + i as u64 * ps;
+            let offset = i as u64 * ps;
+            let len = (end - i) as u64 * ps;
+            let res = match fill {
+                Fill::Source(src) => {
+                    let src = src + (i - first) as u64 * ps;
+                    if minor_mode {
+                        if let Err(e) = region.memory.fill_page_cache(offset, src, len) {
+                            release(i);
+                            return Err(self.source_error(region, i, len, e));
+                        }
+                        sh.uffd.continue_range(host, len, true)
+                    } else {
+                        sh.uffd.copy(host, src, len, true)
+                    }
+                }
+                Fill::Zero if minor_mode => {
+                    if let Err(e) =
+                        region
+                            .memory
+                            .zero_page_cache(offset, len, prev == PageState::Missing)
+                    {
+                        release(i);
+                        return Err(Error::os("fallocate of the guest memfd", e));
+                    }
+                    sh.uffd.continue_range(host, len, true)
+                }
+                Fill::Zero if hugetlb => {
+                    // No ZEROPAGE on hugetlb: copy a zero huge page per page, then one wake.
+                    let mut res = Ok(());
+                    let mut done = 0;
+                    while done < len {
+                        if let Err(p) =
+                            sh.uffd
+                                .copy(host + done, sh.zero_page.as_ptr() as u64, ps, false)
+                        {
+                            res = Err(Partial {
+                                errno: p.errno,
+                                done: done + p.done,
+                            });
+                            break;
+                        }
+                        done += ps;
+                    }
+                    let _ = sh.uffd.wake(host, len);
+                    res
+                }
+                Fill::Zero => sh.uffd.zeropage(host, len, true),
+                Fill::PageCache => sh.uffd.continue_range(host, len, true),
+            };
+            let (done_bytes, errno) = match res {
+                Ok(()) => (len, None),
+                Err(p) => (p.done.min(len), Some(p.errno)),
+            };
+            let done = (done_bytes / ps) as usize;
+            for k in i..i + done {
+                region
+                    .states
+                    .transition_from(k, PageState::InFlight, PageState::Present);
+            }
+            let counter = match fill {
+                Fill::Source(_) | Fill::PageCache => &sh.stats.pages_copied,
+                Fill::Zero => &sh.stats.pages_zeroed,
+            };
+            Stats::add(counter, done as u64);
+            if prefetch {
+                Stats::add(&sh.stats.pages_prefetched, done as u64);
+            }
+            i += done;
+            match errno {
+                None => {}
+                // Partial progress: the kernel reports EAGAIN for "stopped early"; the retry of
+                // the rest tells the real reason.
+                Some(_) if done > 0 => {}
+                Some(Errno::EEXIST) => {
+                    // Mapped by someone else (present before registration, or a racing
+                    // resolution): it is served; wake anyone waiting on it.
+                    region
+                        .states
+                        .transition_from(i, PageState::InFlight, PageState::Present);
+                    Stats::add(&sh.stats.eexist, 1);
+                    let _ = sh.uffd.wake(host + done_bytes, ps);
+                    i += 1;
+                }
+                Some(Errno::EAGAIN) => {
+                    release(i);
+                    return Ok(Outcome::Again);
+                }
+                Some(Errno::ENOENT) => {
+                    // The range was unmapped meanwhile.
+                    for k in i..end {
+                        region
+                            .states
+                            .transition_from(k, PageState::InFlight, PageState::Removed);
+                    }
+                    return Ok(Outcome::Done);
+                }
+                Some(Errno::ESRCH) => {
+                    release(i);
+                    self.process_gone = true;
+                    return Ok(Outcome::Again);
+                }
+                Some(Errno::EFAULT) if matches!(fill, Fill::Source(_)) => {
+                    release(i);
+                    return Err(self.source_error(region, i, ps, Errno::EFAULT));
+                }
+                Some(e) => {
+                    release(i);
+                    let gpa = region.guest_address_of_page(i);
+                    return Err(Error::os(format!("resolving guest address {gpa:#x}"), e));
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    }
+
+    fn source_error(&self, region: &Region, index: usize, len: u64, errno: Errno) -> Error {
+        Error::Source {
+            source_name: self.sh.source.name(),
+            guest_address: region.guest_address_of_page(index),
+            len,
+            reason: format!("reading the source failed ({errno}): truncated, unmapped or poisoned source memory"),
+        }
+    }
+
+    /// One chunk of background prefetch: the next run of Missing pages, up to `chunk` bytes.
+    fn prefetch_step(&mut self) -> Result<()> {
+        let sh = self.sh;
+        while self.cursor.0 < sh.regions.len() {
+            let (ri, mut i) = self.cursor;
+            let region = &sh.regions[ri];
+            let pages = region.states.len();
+            while i < pages && region.states.get(i) != PageState::Missing {
+                i += 1;
+            }
+            if i == pages {
+                self.cursor = (ri + 1, 0);
+                continue;
+            }
+            let max = (self.chunk / region.page_size).max(1) as usize;
+            let mut n = 0;
+            while n < max
+                && i + n < pages
+                && region
+                    .states
+                    .transition_from(i + n, PageState::Missing, PageState::InFlight)
+            {
+                n += 1;
+            }
+            if n == 0 {
+                self.cursor = (ri, i + 1);
+                continue;
+            }
+            let gpa = region.guest_address_of_page(i);
+            let fill = match sh.source.locate(gpa, n as u64 * region.page_size) {
+                Ok(PageData::Address(a)) => Fill::Source(a),
+                Ok(PageData::Zero) => Fill::Zero,
+                Err(e) => {
+                    for k in i..i + n {
+                        region
+                            .states
+                            .transition_from(k, PageState::InFlight, PageState::Missing);
+                    }
+                    return Err(e);
+                }
+            };
+            self.cursor = (ri, i + n);
+            if self.fill_run(ri, i, n, fill, PageState::Missing, true)? == Outcome::Again {
+                Stats::add(&sh.stats.eagain_retries, 1);
+                self.cursor = (ri, i);
+            }
+            return Ok(());
+        }
+        self.prefetching = false;
+        Ok(())
+    }
+
+    /// Applies a non-fault event.
+    fn event(&mut self, event: UffdEvent) {
+        let stats = &self.sh.stats;
+        match event {
+            UffdEvent::Remove { start, end } => {
+                Stats::add(&stats.remove_events, 1);
+                self.mark_removed(start, end);
+            }
+            UffdEvent::Unmap { start, end } => {
+                Stats::add(&stats.unmap_events, 1);
+                self.mark_removed(start, end);
+            }
+            UffdEvent::Remap { .. } => {
+                Stats::add(&stats.remap_events, 1);
+                self.fail(Error::Config(
+                    "guest memory was moved with mremap, which pagewarden does not follow; \
+                     the handler stopped (fail-stop)"
+                        .into(),
+                ));
+            }
+            UffdEvent::Fork { ufd } => {
+                // Not negotiated; if one arrives anyway, own and close the child's uffd.
+                drop(crate::sys::own_fd(ufd));
+            }
+            UffdEvent::PageFault { .. } | UffdEvent::Unknown { .. } => {}
+        }
+    }
+
+    /// Pages in `[start, end)` were dropped by the guest: they read zero from now on, except
+    /// poisoned pages, which stay poisoned (their marker is gone, the state is not).
+    fn mark_removed(&mut self, start: u64, end: u64) {
+        for region in &self.sh.regions {
+            let (lo, hi) = (start.max(region.start), end.min(region.end));
+            if lo >= hi {
+                continue;
+            }
+            let first = ((lo - region.start) / region.page_size) as usize;
+            let last = ((hi - region.start).div_ceil(region.page_size)) as usize;
+            for i in first..last.min(region.states.len()) {
+                let _ = region.states.transition(i, PageState::Removed);
+            }
+        }
+    }
+}

@@ -1,0 +1,635 @@
+//! The handler: guest regions registered with one userfaultfd, and the event loop on its own
+//! named native thread that resolves faults first and prefetches in the background. Nothing here
+//! touches Python; the bindings only start, query and stop it.
+
+pub mod event_loop;
+pub mod stats;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::mman::MmapAdvise;
+
+use crate::error::{Error, Result};
+use crate::memory::{GuestMemory, MemoryKind};
+use crate::pagestate::{PageState, PageStates};
+use crate::poison::PoisonSet;
+use crate::source::PageSource;
+use crate::sys;
+use crate::uffd::Uffd;
+pub use stats::{Stats, StatsSnapshot};
+
+/// How faults are raised and resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Faults on pages with no page: resolved with UFFDIO_COPY / ZEROPAGE.
+    Missing,
+    /// Shared memory only: the page cache is filled through the memfd, then UFFDIO_CONTINUE maps
+    /// it. Registered MISSING|MINOR so that a page-cache hole can never be read as zeros.
+    Minor,
+}
+
+impl Mode {
+    /// Parses "missing" or "minor".
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "missing" => Ok(Mode::Missing),
+            "minor" => Ok(Mode::Minor),
+            other => Err(Error::Config(format!(
+                "unknown mode {other:?}: use \"missing\" or \"minor\""
+            ))),
+        }
+    }
+
+    /// "missing" or "minor".
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Missing => "missing",
+            Mode::Minor => "minor",
+        }
+    }
+}
+
+/// Handler settings.
+#[derive(Debug, Clone, Copy)]
+pub struct HandlerConfig {
+    /// Fault mode.
+    pub mode: Mode,
+    /// Whether to bring in every page in the background.
+    pub prefetch: bool,
+}
+
+/// One registered guest memory range and the states of its pages.
+pub(crate) struct Region {
+    pub(crate) memory: Arc<GuestMemory>,
+    pub(crate) states: PageStates,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) page_size: u64,
+}
+
+impl Region {
+    fn guest_address_of_page(&self, index: usize) -> u64 {
+        self.memory.guest_address() + index as u64 * self.page_size
+    }
+}
+
+#[derive(Default)]
+struct Status {
+    failure: Option<Error>,
+    exited: bool,
+}
+
+/// State shared by the handle and the event-loop thread.
+pub(crate) struct Shared {
+    pub(crate) uffd: Uffd,
+    pub(crate) regions: Vec<Region>,
+    pub(crate) source: Arc<dyn PageSource>,
+    pub(crate) config: HandlerConfig,
+    pub(crate) stats: Stats,
+    pub(crate) stop: AtomicBool,
+    pub(crate) stop_event: EventFd,
+    /// A zero huge page to copy from on hugetlb, which has no ZEROPAGE (allocated once).
+    pub(crate) zero_page: Vec<u8>,
+    poison_page_size: u64,
+    status: Mutex<Status>,
+    cond: Condvar,
+}
+
+impl Shared {
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn pages_total(&self) -> u64 {
+        self.regions.iter().map(|r| r.states.len() as u64).sum()
+    }
+
+    pub(crate) fn pages_resolved(&self) -> u64 {
+        self.regions.iter().map(|r| r.states.resolved()).sum()
+    }
+
+    pub(crate) fn all_resolved(&self) -> bool {
+        self.pages_resolved() == self.pages_total()
+    }
+
+    /// Wakes waiters (completion, failure, exit). Taken under the lock so that a waiter between
+    /// its check and its wait cannot miss it.
+    pub(crate) fn notify(&self) {
+        let _guard = self.status();
+        self.cond.notify_all();
+    }
+
+    /// Records the first fatal error; later ones are dropped (the first is the cause).
+    pub(crate) fn set_failure(&self, error: Error) {
+        let mut status = self.status();
+        if status.failure.is_none() {
+            status.failure = Some(error);
+        }
+        self.cond.notify_all();
+    }
+
+    fn set_exited(&self) {
+        self.status().exited = true;
+        self.cond.notify_all();
+    }
+
+    /// Poisons every page still Missing (fail-stop on close or after a fatal error): from then
+    /// on an access SIGBUSes, where without the uffd it would silently read zeros.
+    pub(crate) fn fence_missing(&self) {
+        for region in &self.regions {
+            let pages = region.states.len();
+            let mut i = 0;
+            while i < pages {
+                if region.states.get(i) != PageState::Missing {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < pages
+                    && region
+                        .states
+                        .transition_from(i, PageState::Missing, PageState::Fenced)
+                {
+                    i += 1;
+                }
+                let count = (i - first) as u64;
+                if count == 0 {
+                    i += 1;
+                    continue;
+                }
+                let start = region.start + first as u64 * region.page_size;
+                let len = count * region.page_size;
+                let mut done = 0;
+                // Bounded: EAGAIN only while an event is queued, and nobody reads them now.
+                for _ in 0..1000 {
+                    match self.uffd.poison(start + done, len - done, true) {
+                        Ok(()) => break,
+                        Err(p) if p.errno == Errno::EEXIST => {
+                            done += p.done + region.page_size;
+                            let _ = self.uffd.wake(start, len);
+                        }
+                        Err(p) if p.errno == Errno::EAGAIN => {
+                            done += p.done;
+                            std::thread::yield_now();
+                        }
+                        Err(_) => break,
+                    }
+                    if done >= len {
+                        break;
+                    }
+                }
+                Stats::add(&self.stats.pages_fenced, count);
+            }
+        }
+    }
+}
+
+/// A userfaultfd handler over one or more guest memory regions.
+pub struct Handler {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    started: AtomicBool,
+    closed: AtomicBool,
+}
+
+const UFFDIO_POISON_BIT: u64 = 1 << 8;
+const UFFDIO_CONTINUE_BIT: u64 = 1 << 7;
+
+fn required_features(memories: &[Arc<GuestMemory>], mode: Mode) -> u64 {
+    let mut required = 0;
+    for m in memories {
+        required |= match (m.kind(), mode) {
+            (MemoryKind::Shmem, Mode::Missing) => sys::UFFD_FEATURE_MISSING_SHMEM,
+            (MemoryKind::Hugetlb, Mode::Missing) => sys::UFFD_FEATURE_MISSING_HUGETLBFS,
+            (MemoryKind::Shmem, Mode::Minor) => {
+                sys::UFFD_FEATURE_MISSING_SHMEM | sys::UFFD_FEATURE_MINOR_SHMEM
+            }
+            (MemoryKind::Hugetlb, Mode::Minor) => {
+                sys::UFFD_FEATURE_MISSING_HUGETLBFS | sys::UFFD_FEATURE_MINOR_HUGETLBFS
+            }
+            _ => 0,
+        };
+    }
+    required
+}
+
+/// Known poison of one region, as runs of page indices.
+fn poison_runs(region: &GuestMemory, poison: &PoisonSet) -> Vec<(usize, usize)> {
+    let ps = region.page_size();
+    let base = region.guest_address();
+    let end = base + region.size();
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (start, len) in poison.ranges() {
+        let (lo, hi) = (start.max(base), (start + len).min(end));
+        if lo >= hi {
+            continue;
+        }
+        let first = ((lo - base) / ps) as usize;
+        let last = ((hi - base).div_ceil(ps)) as usize;
+        match runs.last_mut() {
+            Some((f, n)) if *f + *n >= first => *n = (*n).max(last - *f),
+            _ => runs.push((first, last - first)),
+        }
+    }
+    runs
+}
+
+impl Handler {
+    /// Registers `memories` with a new userfaultfd and installs the known `poison` up front.
+    /// Nothing runs until [`start`](Self::start).
+    pub fn new(
+        memories: Vec<Arc<GuestMemory>>,
+        source: Arc<dyn PageSource>,
+        poison: &PoisonSet,
+        config: HandlerConfig,
+    ) -> Result<Self> {
+        if memories.is_empty() {
+            return Err(Error::Config(
+                "a Handler needs at least one GuestMemory".into(),
+            ));
+        }
+        // Validate everything before anything is registered.
+        let mut sorted: Vec<&Arc<GuestMemory>> = memories.iter().collect();
+        sorted.sort_by_key(|m| m.guest_address());
+        for pair in sorted.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            if a.guest_address() + a.size() > b.guest_address() {
+                return Err(Error::Config(format!(
+                    "guest memory regions overlap: {:#x}..{:#x} and {:#x}..{:#x}",
+                    a.guest_address(),
+                    a.guest_address() + a.size(),
+                    b.guest_address(),
+                    b.guest_address() + b.size()
+                )));
+            }
+        }
+        for m in &memories {
+            if config.mode == Mode::Minor
+                && !matches!(m.kind(), MemoryKind::Shmem | MemoryKind::Hugetlb)
+            {
+                return Err(Error::Config(format!(
+                    "mode \"minor\" needs shared memory with a page cache (GuestMemory.memfd); \
+                     this region is {} memory: use mode \"missing\"",
+                    m.kind().name()
+                )));
+            }
+            let end = m.guest_address() + m.size();
+            if let Some(size) = source.size() {
+                if end > size {
+                    return Err(Error::Source {
+                        source_name: source.name(),
+                        guest_address: m.guest_address(),
+                        len: m.size(),
+                        reason: format!(
+                            "guest memory ends at guest address {end:#x} but the source holds only {size:#x} bytes"
+                        ),
+                    });
+                }
+            }
+        }
+        for (start, len) in poison.ranges() {
+            let inside = |addr: u64| memories.iter().any(|m| m.contains_guest(addr, 1));
+            if !inside(start) || !inside(start + len - 1) {
+                return Err(Error::GuestAddress(format!(
+                    "the poison set holds guest range {start:#x}..{:#x}, outside guest memory",
+                    start + len
+                )));
+            }
+        }
+        for (i, m) in memories.iter().enumerate() {
+            if !m.acquire() {
+                memories[..i].iter().for_each(|m| m.release());
+                return Err(Error::Config(format!(
+                    "guest memory at guest address {:#x} is already served by another Handler",
+                    m.guest_address()
+                )));
+            }
+        }
+        let result = Self::register(&memories, source, poison, config);
+        if result.is_err() {
+            memories.iter().for_each(|m| m.release());
+        }
+        result
+    }
+
+    fn register(
+        memories: &[Arc<GuestMemory>],
+        source: Arc<dyn PageSource>,
+        poison: &PoisonSet,
+        config: HandlerConfig,
+    ) -> Result<Self> {
+        let wanted = sys::UFFD_FEATURE_EVENT_REMOVE
+            | sys::UFFD_FEATURE_EVENT_UNMAP
+            | sys::UFFD_FEATURE_EVENT_REMAP
+            | sys::UFFD_FEATURE_POISON
+            | sys::UFFD_FEATURE_THREAD_ID;
+        let uffd = Uffd::new(required_features(memories, config.mode), wanted)?;
+        let reg_mode = match config.mode {
+            Mode::Missing => sys::UFFDIO_REGISTER_MODE_MISSING,
+            Mode::Minor => sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR,
+        };
+        let mut regions = Vec::with_capacity(memories.len());
+        let mut max_page = 0;
+        for m in memories {
+            let runs = poison_runs(m, poison);
+            if m.kind() != MemoryKind::Hugetlb {
+                // Transparent huge pages would make a 4 KiB fault map 2 MiB at once.
+                let _ = m.advise(0, m.size(), MmapAdvise::MADV_NOHUGEPAGE);
+            }
+            // Drop known-poisoned pages before registering: afterwards a DONTNEED would raise a
+            // REMOVE event that only the (not yet running) event loop could read.
+            for &(first, count) in &runs {
+                m.drop_pages(first as u64 * m.page_size(), count as u64 * m.page_size())?;
+            }
+            if config.mode == Mode::Minor {
+                m.prepare_alias()?;
+            }
+            let ioctls = uffd
+                .register(m.address(), m.size(), reg_mode)
+                .map_err(|e| {
+                    Error::os(
+                        format!(
+                            "UFFDIO_REGISTER ({}) of {} guest memory at {:#x}+{:#x}",
+                            config.mode.name(),
+                            m.kind().name(),
+                            m.address(),
+                            m.size()
+                        ),
+                        e,
+                    )
+                })?;
+            if ioctls & UFFDIO_POISON_BIT == 0 {
+                return Err(Error::Unsupported {
+                    what: "UFFDIO_POISON is not available on this registration".into(),
+                    detail: "it needs Linux 6.6 or newer".into(),
+                });
+            }
+            if config.mode == Mode::Minor && ioctls & UFFDIO_CONTINUE_BIT == 0 {
+                return Err(Error::Unsupported {
+                    what: "UFFDIO_CONTINUE is not available on this registration".into(),
+                    detail: "MINOR mode needs Linux 5.13 (hugetlb) or 5.14 (shmem)".into(),
+                });
+            }
+            let region = Region {
+                memory: m.clone(),
+                states: PageStates::new(m.pages()),
+                start: m.address(),
+                end: m.address() + m.size(),
+                page_size: m.page_size(),
+            };
+            Self::install_poison(&uffd, &region, &runs)?;
+            max_page = max_page.max(if m.kind() == MemoryKind::Hugetlb {
+                m.page_size()
+            } else {
+                0
+            });
+            regions.push(region);
+        }
+        let stats = Stats::default();
+        let poisoned: u64 = regions
+            .iter()
+            .map(|r| r.states.count(PageState::Poisoned))
+            .sum();
+        Stats::add(&stats.pages_poisoned, poisoned);
+        let stop_event =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| Error::os("eventfd", e))?;
+        let shared = Shared {
+            uffd,
+            regions,
+            source,
+            config,
+            stats,
+            stop: AtomicBool::new(false),
+            stop_event,
+            zero_page: vec![0u8; max_page as usize],
+            poison_page_size: poison.page_size(),
+            status: Mutex::new(Status::default()),
+            cond: Condvar::new(),
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+            thread: Mutex::new(None),
+            started: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn install_poison(uffd: &Uffd, region: &Region, runs: &[(usize, usize)]) -> Result<()> {
+        let ps = region.page_size;
+        for &(first, count) in runs {
+            for i in first..first + count {
+                region
+                    .states
+                    .transition(i, PageState::Poisoned)
+                    .map_err(|s| {
+                        Error::Config(format!("page {i} of the region is {s:?}, cannot poison it"))
+                    })?;
+            }
+            let start = region.start + first as u64 * ps;
+            let len = count as u64 * ps;
+            let mut done = 0;
+            let mut tries = 0;
+            while done < len {
+                match uffd.poison(start + done, len - done, true) {
+                    Ok(()) => done = len,
+                    Err(p) if p.errno == Errno::EAGAIN && tries < 10_000 => {
+                        done += p.done;
+                        tries += 1;
+                        std::thread::yield_now();
+                    }
+                    Err(p) => {
+                        let gpa =
+                            region.memory.guest_address() + (start + done + p.done - region.start);
+                        return Err(Error::os(
+                            format!("UFFDIO_POISON at guest address {gpa:#x}"),
+                            p.errno,
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the event loop on a native thread named `pagewarden-uffd`; returns at once.
+    pub fn start(&self) -> Result<()> {
+        self.check_open()?;
+        if self.started.swap(true, Ordering::AcqRel) {
+            return Err(Error::Config("Handler.start() was already called".into()));
+        }
+        let shared = self.shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("pagewarden-uffd".into())
+            .spawn(move || {
+                event_loop::run(&shared);
+                shared.set_exited();
+            })
+            .map_err(|e| {
+                Error::os(
+                    "spawning the event-loop thread",
+                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                )
+            })?;
+        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+        Ok(())
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::HandlerClosed(
+                "this Handler is closed; create a new one".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The first fatal error, if the handler has failed.
+    pub fn failure(&self) -> Option<Error> {
+        self.shared.status().failure.clone()
+    }
+
+    /// Waits until every page is resolved (`Ok(true)`), the timeout passes (`Ok(false)`), or the
+    /// handler fails (`Err`, the first fatal error).
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<bool> {
+        self.check_open()?;
+        if !self.started.load(Ordering::Acquire) {
+            return Err(Error::Config(
+                "Handler.wait() before Handler.start(): nothing would resolve the pages".into(),
+            ));
+        }
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut status = self.shared.status();
+        loop {
+            if let Some(e) = &status.failure {
+                return Err(e.clone());
+            }
+            if self.shared.all_resolved() {
+                return Ok(true);
+            }
+            if status.exited {
+                return Err(Error::HandlerClosed("the event loop has stopped".into()));
+            }
+            match deadline {
+                None => {
+                    status = self
+                        .shared
+                        .cond
+                        .wait(status)
+                        .unwrap_or_else(|e| e.into_inner())
+                }
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(false);
+                    }
+                    status = self
+                        .shared
+                        .cond
+                        .wait_timeout(status, d - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut snap = self.shared.stats.snapshot();
+        snap.pages_total = self.shared.pages_total();
+        snap.pages_resolved = self.shared.pages_resolved();
+        snap
+    }
+
+    /// The poison this handler knows: the initial set plus poison discovered during the run, at
+    /// the initial set's page size (a poisoned huge page counts all its small pages).
+    pub fn poison_set(&self) -> PoisonSet {
+        let mut set = PoisonSet::new(self.shared.poison_page_size).expect("validated page size");
+        for region in &self.shared.regions {
+            let pages = region.states.len();
+            let mut i = 0;
+            while i < pages {
+                if region.states.get(i) != PageState::Poisoned {
+                    i += 1;
+                    continue;
+                }
+                let first = i;
+                while i < pages && region.states.get(i) == PageState::Poisoned {
+                    i += 1;
+                }
+                let start = region.guest_address_of_page(first);
+                let len = (i - first) as u64 * region.page_size;
+                let small = self.shared.poison_page_size.min(region.page_size);
+                let mut converted = PoisonSet::new(small).expect("valid page size");
+                converted.add_range(start, len).expect("aligned range");
+                set = set.union(
+                    &converted
+                        .with_page_size(self.shared.poison_page_size)
+                        .expect("valid"),
+                );
+            }
+        }
+        set
+    }
+
+    /// The page state of `guest_address`, if it is in guest memory.
+    pub fn page_state(&self, guest_address: u64) -> Option<PageState> {
+        self.shared.regions.iter().find_map(|r| {
+            r.memory.contains_guest(guest_address, 1).then(|| {
+                r.states
+                    .get(((guest_address - r.memory.guest_address()) / r.page_size) as usize)
+            })
+        })
+    }
+
+    /// True once started and not yet closed.
+    pub fn is_running(&self) -> bool {
+        self.started.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
+    }
+
+    /// Stops the event loop, waits for its thread, and fences every page still missing (see
+    /// [`Shared::fence_missing`]). Idempotent. Must not be called while holding the GIL.
+    pub fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        let _ = self.shared.stop_event.write(1);
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        self.shared.fence_missing();
+        for r in &self.shared.regions {
+            r.memory.release();
+        }
+        self.shared.notify();
+    }
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        // No join here: a Python finaliser may run this with the GIL held. The loop thread owns
+        // its own Arc and fences what is missing when it sees the stop flag.
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.shared.stop.store(true, Ordering::Release);
+            let _ = self.shared.stop_event.write(1);
+            if !self.started.load(Ordering::Acquire) {
+                self.shared.fence_missing();
+            }
+            for r in &self.shared.regions {
+                r.memory.release();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+//! End-to-end tests of the handler on real userfaultfd, without Python. They skip (with the
+//! reason) where no uffd can be opened, unless PAGEWARDEN_REQUIRE_UFFD=1, where that fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Handler, HandlerConfig, Mode};
+use crate::memory::GuestMemory;
+use crate::pagestate::PageState;
+use crate::poison::PoisonSet;
+use crate::source::{MemorySource, PageSource, ZeroSource};
+use crate::sys::probe::checksum;
+use crate::touch::{touch, PageOutcome, TouchOrder, TouchVia};
+
+fn uffd_usable() -> bool {
+    match crate::uffd::probe_features() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("PAGEWARDEN_REQUIRE_UFFD").as_deref() == Ok("1") {
+                panic!("PAGEWARDEN_REQUIRE_UFFD=1 but userfaultfd is unusable: {e}");
+            }
+            eprintln!("skipping: userfaultfd unusable here: {e}");
+            false
+        }
+    }
+}
+
+fn image(size: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    (0..size / 8)
+        .flat_map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            state.to_le_bytes()
+        })
+        .collect()
+}
+
+fn run(mode: Mode, prefetch: bool, memory: GuestMemory, source_bytes: &[u8], poisoned: &[u64]) {
+    let ps = memory.page_size();
+    let memory = Arc::new(memory);
+    let poison = PoisonSet::from_addresses(poisoned.iter().copied(), ps).unwrap();
+    let source: Arc<dyn PageSource> = Arc::new(MemorySource::from_vec(source_bytes.to_vec()));
+    let handler = Handler::new(
+        vec![memory.clone()],
+        source,
+        &poison,
+        HandlerConfig { mode, prefetch },
+    )
+    .unwrap();
+    handler.start().unwrap();
+    let report = touch(&memory, None, 2, TouchOrder::Random(7), TouchVia::Load).unwrap();
+    assert!(handler.wait(Some(Duration::from_secs(30))).unwrap());
+    for (gpa, outcome) in &report.outcomes {
+        if poison.contains(*gpa) {
+            match outcome {
+                PageOutcome::Sigbus { address, si_code } => {
+                    assert_eq!(*address, memory.host_address_of(*gpa).unwrap());
+                    assert!(*si_code == 2 || *si_code == 4, "si_code {si_code}");
+                }
+                other => panic!("poisoned page {gpa:#x} gave {other:?}"),
+            }
+        } else {
+            let page = &source_bytes[*gpa as usize..(*gpa + ps) as usize];
+            assert_eq!(*outcome, PageOutcome::Data(checksum(page)), "page {gpa:#x}");
+        }
+    }
+    assert_eq!(handler.poison_set(), poison);
+    let stats = handler.stats();
+    assert_eq!(stats.pages_resolved, stats.pages_total);
+    handler.close();
+}
+
+#[test]
+fn anonymous_missing_with_and_without_prefetch() {
+    if !uffd_usable() {
+        return;
+    }
+    for prefetch in [false, true] {
+        let bytes = image(256 * 4096, 1);
+        run(
+            Mode::Missing,
+            prefetch,
+            GuestMemory::anonymous(256 * 4096, 0).unwrap(),
+            &bytes,
+            &[0, 4096 * 77, 4096 * 255],
+        );
+    }
+}
+
+#[test]
+fn shmem_missing_and_minor() {
+    if !uffd_usable() {
+        return;
+    }
+    for mode in [Mode::Missing, Mode::Minor] {
+        for prefetch in [false, true] {
+            let bytes = image(128 * 4096, 2);
+            run(
+                mode,
+                prefetch,
+                GuestMemory::memfd(128 * 4096, false, 0).unwrap(),
+                &bytes,
+                &[4096 * 3, 4096 * 4],
+            );
+        }
+    }
+}
+
+#[test]
+fn minor_mode_refuses_anonymous_memory() {
+    if !uffd_usable() {
+        return;
+    }
+    let memory = Arc::new(GuestMemory::anonymous(16 * 4096, 0).unwrap());
+    let err = Handler::new(
+        vec![memory.clone()],
+        Arc::new(ZeroSource),
+        &PoisonSet::new(4096).unwrap(),
+        HandlerConfig {
+            mode: Mode::Minor,
+            prefetch: false,
+        },
+    )
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("minor"), "{err}");
+    // The memory was released and can be served by another handler.
+    let h = Handler::new(
+        vec![memory],
+        Arc::new(ZeroSource),
+        &PoisonSet::new(4096).unwrap(),
+        HandlerConfig {
+            mode: Mode::Missing,
+            prefetch: true,
+        },
+    )
+    .unwrap();
+    h.start().unwrap();
+    assert!(h.wait(Some(Duration::from_secs(10))).unwrap());
+    h.close();
+}
+
+#[test]
+fn close_fences_missing_pages_instead_of_leaving_zeros() {
+    if !uffd_usable() {
+        return;
+    }
+    let memory = Arc::new(GuestMemory::anonymous(8 * 4096, 0).unwrap());
+    let bytes = image(8 * 4096, 3);
+    let h = Handler::new(
+        vec![memory.clone()],
+        Arc::new(MemorySource::from_vec(bytes.clone())),
+        &PoisonSet::new(4096).unwrap(),
+        HandlerConfig {
+            mode: Mode::Missing,
+            prefetch: false,
+        },
+    )
+    .unwrap();
+    h.start().unwrap();
+    let report = touch(
+        &memory,
+        Some(vec![0]),
+        1,
+        TouchOrder::Sequential,
+        TouchVia::Load,
+    )
+    .unwrap();
+    assert_eq!(
+        report.outcomes[0].1,
+        PageOutcome::Data(checksum(&bytes[..4096]))
+    );
+    h.close();
+    assert_eq!(h.page_state(4096), Some(PageState::Fenced));
+    let mut buf = [0u8; 8];
+    assert!(matches!(
+        memory.read(4096, &mut buf),
+        Err(crate::Error::PoisonedPage {
+            guest_address: 4096
+        })
+    ));
+    assert_eq!(h.stats().pages_fenced, 7);
+}

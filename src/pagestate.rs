@@ -1,0 +1,232 @@
+//! One authoritative atomic state per guest page. Every resolution claims a page through a
+//! compare-and-swap here first, so a page known to be poisoned can never be copied, continued or
+//! zero-filled, whatever races with it (the kernel would silently un-poison it).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+/// The state of one guest page.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    /// Not yet brought in: the first access faults and needs the source.
+    Missing = 0,
+    /// Claimed by a resolution that is under way.
+    InFlight = 1,
+    /// Mapped with the source's bytes (or zero, after a removal).
+    Present = 2,
+    /// Hardware poison: answered with UFFDIO_POISON, forever. Terminal.
+    Poisoned = 3,
+    /// Dropped by the guest (MADV_DONTNEED/REMOVE): reads zero on its next access.
+    Removed = 4,
+    /// Poisoned by the handler's fail-stop (source gone, fatal error, closed early) so that no
+    /// thread waits forever or reads zeros. Not hardware poison. Terminal.
+    Fenced = 5,
+}
+
+impl PageState {
+    fn from_u8(value: u8) -> Self {
+        match value {
+            0 => PageState::Missing,
+            1 => PageState::InFlight,
+            2 => PageState::Present,
+            3 => PageState::Poisoned,
+            4 => PageState::Removed,
+            _ => PageState::Fenced,
+        }
+    }
+
+    /// True when the page needs nothing more from the source.
+    pub fn is_resolved(self) -> bool {
+        !matches!(self, PageState::Missing | PageState::InFlight)
+    }
+
+    /// Whether `self -> to` is a legal transition.
+    pub fn can_become(self, to: PageState) -> bool {
+        use PageState::*;
+        match (self, to) {
+            // Poison and fences are forever.
+            (Poisoned, _) | (Fenced, _) => false,
+            (Missing, InFlight) | (Removed, InFlight) => true,
+            (InFlight, Present) | (InFlight, Missing) | (InFlight, Removed) => true,
+            // Known poison, runtime poison, or poison discovered at the source.
+            (Missing, Poisoned) | (Present, Poisoned) | (Removed, Poisoned) => true,
+            // The guest dropped the page.
+            (Missing, Removed) | (Present, Removed) => true,
+            // A page that was mapped without us (present before registration; EEXIST).
+            (Missing, Present) | (Removed, Present) => true,
+            (Missing, Fenced) | (InFlight, Fenced) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The states of one region's pages, plus a count of resolved pages kept in step.
+#[derive(Debug)]
+pub struct PageStates {
+    states: Box<[AtomicU8]>,
+    resolved: AtomicU64,
+}
+
+impl PageStates {
+    /// `pages` pages, all Missing.
+    pub fn new(pages: usize) -> Self {
+        Self {
+            states: (0..pages)
+                .map(|_| AtomicU8::new(PageState::Missing as u8))
+                .collect(),
+            resolved: AtomicU64::new(0),
+        }
+    }
+
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// True for a region without pages.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
+    /// The state of page `index`.
+    pub fn get(&self, index: usize) -> PageState {
+        PageState::from_u8(self.states[index].load(Ordering::Acquire))
+    }
+
+    /// Pages that are resolved (present, poisoned, removed or fenced).
+    pub fn resolved(&self) -> u64 {
+        self.resolved.load(Ordering::Acquire)
+    }
+
+    /// Moves page `index` to `to` if the transition from its current state is legal; returns the
+    /// previous state, or `Err(current)` if it is not.
+    pub fn transition(&self, index: usize, to: PageState) -> Result<PageState, PageState> {
+        let cell = &self.states[index];
+        let mut current = cell.load(Ordering::Acquire);
+        loop {
+            let from = PageState::from_u8(current);
+            if !from.can_become(to) {
+                return Err(from);
+            }
+            match cell.compare_exchange_weak(current, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    match (from.is_resolved(), to.is_resolved()) {
+                        (false, true) => {
+                            self.resolved.fetch_add(1, Ordering::AcqRel);
+                        }
+                        (true, false) => {
+                            self.resolved.fetch_sub(1, Ordering::AcqRel);
+                        }
+                        _ => {}
+                    }
+                    return Ok(from);
+                }
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Moves page `index` from exactly `from` to `to`; false if it was in another state.
+    pub fn transition_from(&self, index: usize, from: PageState, to: PageState) -> bool {
+        debug_assert!(from.can_become(to));
+        if self.states[index]
+            .compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        match (from.is_resolved(), to.is_resolved()) {
+            (false, true) => {
+                self.resolved.fetch_add(1, Ordering::AcqRel);
+            }
+            (true, false) => {
+                self.resolved.fetch_sub(1, Ordering::AcqRel);
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// Claims page `index` for a resolution (Missing or Removed -> InFlight); returns the state it
+    /// had, or `Err(current)` when it cannot be claimed (poisoned, present, ...).
+    pub fn claim(&self, index: usize) -> Result<PageState, PageState> {
+        self.transition(index, PageState::InFlight)
+    }
+
+    /// Counts pages in `state`.
+    pub fn count(&self, state: PageState) -> u64 {
+        self.states
+            .iter()
+            .filter(|s| s.load(Ordering::Relaxed) == state as u8)
+            .count() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PageState::*;
+    use super::*;
+
+    const ALL: [PageState; 6] = [Missing, InFlight, Present, Poisoned, Removed, Fenced];
+
+    #[test]
+    fn poison_and_fences_are_terminal() {
+        for to in ALL {
+            assert!(!Poisoned.can_become(to), "Poisoned -> {to:?}");
+            assert!(!Fenced.can_become(to), "Fenced -> {to:?}");
+        }
+    }
+
+    #[test]
+    fn a_poisoned_page_cannot_be_claimed() {
+        let states = PageStates::new(4);
+        assert_eq!(states.transition(1, Poisoned), Ok(Missing));
+        assert_eq!(states.claim(1), Err(Poisoned));
+        assert_eq!(states.transition(1, Present), Err(Poisoned));
+        assert_eq!(states.get(1), Poisoned);
+    }
+
+    #[test]
+    fn resolved_count_follows_transitions() {
+        let states = PageStates::new(3);
+        assert_eq!(states.resolved(), 0);
+        assert_eq!(states.claim(0), Ok(Missing));
+        assert_eq!(states.resolved(), 0);
+        states.transition(0, Present).unwrap();
+        assert_eq!(states.resolved(), 1);
+        states.transition(0, Removed).unwrap();
+        assert_eq!(states.resolved(), 1);
+        assert_eq!(states.claim(0), Ok(Removed));
+        assert_eq!(states.resolved(), 0);
+        states.transition(0, Present).unwrap();
+        states.transition(1, Poisoned).unwrap();
+        states.transition(2, Fenced).unwrap();
+        assert_eq!(states.resolved(), 3);
+        assert_eq!(states.count(Present), 1);
+    }
+
+    #[test]
+    fn transition_from_checks_the_exact_state() {
+        let states = PageStates::new(1);
+        assert!(!states.transition_from(0, InFlight, Present));
+        assert!(states.transition_from(0, Missing, InFlight));
+        assert!(states.transition_from(0, InFlight, Missing));
+        assert_eq!(states.get(0), Missing);
+    }
+
+    #[test]
+    fn concurrent_claims_have_one_winner() {
+        let states = std::sync::Arc::new(PageStates::new(1000));
+        let wins: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let states = states.clone();
+                    s.spawn(move || (0..1000).filter(|&i| states.claim(i).is_ok()).count() as u64)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(wins.iter().sum::<u64>(), 1000);
+    }
+}

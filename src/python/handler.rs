@@ -1,0 +1,319 @@
+//! Page sources and the `Handler` for Python. Every call that can block (registration, wait,
+//! close) runs with the GIL released; `wait` wakes every 50 ms to let Ctrl-C through.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pyo3::buffer::PyBuffer;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+use super::error::IntoPy;
+use super::memory::GuestMemory;
+use super::poison::PoisonSet;
+use crate::engine::{Handler as CoreHandler, HandlerConfig, Mode};
+use crate::error::Error;
+use crate::memory::GuestMemory as CoreMemory;
+use crate::poison::PoisonSet as CorePoisonSet;
+use crate::source::{self, PageSource};
+
+/// A guest memory image file: the byte at offset X is guest address X. Mapped read-only; pages
+/// are copied by the kernel straight from the file's page cache.
+#[pyclass(frozen, module = "pagewarden._native")]
+pub struct FileSource {
+    inner: Arc<dyn PageSource>,
+    path: PathBuf,
+}
+
+#[pymethods]
+impl FileSource {
+    /// Opens `path`; raises SourceError if it cannot be opened or mapped.
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let p = path.clone();
+        let src = py.detach(move || source::FileSource::open(&p)).py_err()?;
+        Ok(Self {
+            inner: Arc::new(src),
+            path,
+        })
+    }
+
+    /// The image's path.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn __repr__(&self) -> String {
+        format!("FileSource({:?})", self.path)
+    }
+}
+
+/// Bytes of any C-contiguous buffer-protocol object (bytes, bytearray, mmap, memoryview, a numpy
+/// array), served without a copy. The buffer stays exported (a bytearray cannot be resized)
+/// while the source lives.
+#[pyclass(frozen, module = "pagewarden._native")]
+pub struct MemorySource {
+    inner: Arc<dyn PageSource>,
+    len: usize,
+}
+
+#[pymethods]
+impl MemorySource {
+    /// Wraps `buffer`; raises ConfigurationError if it is not C-contiguous.
+    #[new]
+    fn new(buffer: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let view = PyBuffer::<u8>::get(buffer)?;
+        if !view.is_c_contiguous() {
+            return Err(Error::Config(
+                "MemorySource needs a C-contiguous buffer".into(),
+            ))
+            .py_err();
+        }
+        let (address, len) = (view.buf_ptr() as u64, view.len_bytes());
+        Ok(Self {
+            inner: Arc::new(source::MemorySource::new(
+                address,
+                len as u64,
+                Box::new(view),
+            )),
+            len,
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    fn __repr__(&self) -> String {
+        format!("MemorySource(<{} bytes>)", self.len)
+    }
+}
+
+/// Every page reads zero (UFFDIO_ZEROPAGE; a zero huge page is copied on hugetlb).
+#[pyclass(frozen, module = "pagewarden._native")]
+pub struct ZeroSource {
+    inner: Arc<dyn PageSource>,
+}
+
+#[pymethods]
+impl ZeroSource {
+    /// Creates the zero source.
+    #[new]
+    fn new() -> Self {
+        Self {
+            inner: Arc::new(source::ZeroSource),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        "ZeroSource()".into()
+    }
+}
+
+fn source_of(obj: &Bound<'_, PyAny>) -> PyResult<Arc<dyn PageSource>> {
+    if let Ok(s) = obj.cast::<FileSource>() {
+        return Ok(s.get().inner.clone());
+    }
+    if let Ok(s) = obj.cast::<MemorySource>() {
+        return Ok(s.get().inner.clone());
+    }
+    if let Ok(s) = obj.cast::<ZeroSource>() {
+        return Ok(s.get().inner.clone());
+    }
+    Err(Error::Config(format!(
+        "source must be a FileSource, MemorySource or ZeroSource, not {}",
+        obj.get_type().name()?
+    )))
+    .py_err()
+}
+
+fn memories_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Arc<CoreMemory>>> {
+    if let Ok(m) = obj.cast::<GuestMemory>() {
+        return Ok(vec![m.get().inner.clone()]);
+    }
+    let mut out = Vec::new();
+    if let Ok(iter) = obj.try_iter() {
+        for item in iter {
+            let item = item?;
+            match item.cast::<GuestMemory>() {
+                Ok(m) => out.push(m.get().inner.clone()),
+                Err(_) => {
+                    return Err(Error::Config(format!(
+                        "memory must be a GuestMemory or a list of them; found a {}",
+                        item.get_type().name()?
+                    )))
+                    .py_err()
+                }
+            }
+        }
+        return Ok(out);
+    }
+    Err(Error::Config(format!(
+        "memory must be a GuestMemory or a list of them, not {}",
+        obj.get_type().name()?
+    )))
+    .py_err()
+}
+
+/// Serves guest memory through userfaultfd: faults are resolved on a native thread without the
+/// GIL, from `source`, with every page of `poison` answered by UFFDIO_POISON (installed up front,
+/// and again whenever the guest drops the marker). A context manager; `close()` is idempotent.
+///
+/// `memory` is one GuestMemory or a list of them (non-overlapping guest ranges). `mode` is
+/// "missing" (any memory) or "minor" (memfd memory: the page cache is filled, then
+/// UFFDIO_CONTINUE maps it). With `prefetch`, every page is also brought in in the background,
+/// faults first.
+#[pyclass(frozen, module = "pagewarden._native")]
+pub struct Handler {
+    inner: CoreHandler,
+}
+
+fn check_timeout(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t.min(1e9)))),
+        Some(t) => Err(Error::Config(format!(
+            "timeout must be a non-negative number of seconds, not {t}"
+        )))
+        .py_err(),
+    }
+}
+
+#[pymethods]
+impl Handler {
+    /// Registers `memory` with a new userfaultfd and installs the known poison. Nothing is served
+    /// until `start()`.
+    #[new]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true))]
+    fn new(
+        py: Python<'_>,
+        memory: &Bound<'_, PyAny>,
+        source: &Bound<'_, PyAny>,
+        poison: Option<&PoisonSet>,
+        mode: &str,
+        prefetch: bool,
+    ) -> PyResult<Self> {
+        let memories = memories_of(memory)?;
+        let source = source_of(source)?;
+        let mode = Mode::parse(mode).py_err()?;
+        let poison = match poison {
+            Some(p) => p.get().clone(),
+            None => CorePoisonSet::new(
+                memories
+                    .first()
+                    .map(|m| m.page_size())
+                    .unwrap_or(4096)
+                    .min(4096),
+            )
+            .py_err()?,
+        };
+        let config = HandlerConfig { mode, prefetch };
+        let inner = py
+            .detach(move || CoreHandler::new(memories, source, &poison, config))
+            .py_err()?;
+        Ok(Self { inner })
+    }
+
+    /// Starts the event loop on a native thread; returns at once.
+    fn start(&self) -> PyResult<()> {
+        self.inner.start().py_err()
+    }
+
+    /// Waits until every page is present, poisoned or removed (True) or `timeout` seconds pass
+    /// (False). Raises the handler's first fatal error (SourceError, ...) if it failed, and
+    /// KeyboardInterrupt promptly on Ctrl-C.
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let deadline = check_timeout(timeout)?.map(|t| Instant::now() + t);
+        loop {
+            let slice = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50)),
+                None => Duration::from_millis(50),
+            };
+            match py.detach(|| self.inner.wait(Some(slice))).py_err()? {
+                true => return Ok(true),
+                false => {
+                    py.check_signals()?;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Raises the handler's first fatal error, if any; otherwise returns None.
+    fn check(&self) -> PyResult<()> {
+        match self.inner.failure() {
+            Some(e) => Err(e).py_err(),
+            None => Ok(()),
+        }
+    }
+
+    /// Counters and the latency histogram as a dict (names follow QEMU's postcopy stats where
+    /// they exist): faults, pages_copied, pages_zeroed, pages_poisoned, pages_prefetched, eexist,
+    /// eagain_retries, remove_events, latency_ns_avg, latency_dist_us_log2 (bucket i counts faults
+    /// resolved in [2^i, 2^(i+1)) µs), blocktime_ms, pages_total, pages_resolved, ...
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        for (name, value) in s.counters() {
+            d.set_item(name, value)?;
+        }
+        d.set_item("latency_ns_avg", s.latency_ns_avg())?;
+        d.set_item(
+            "latency_dist_us_log2",
+            PyList::new(py, s.latency_dist_us_log2)?,
+        )?;
+        d.set_item("blocktime_ms", s.blocktime_ms())?;
+        d.set_item("pages_total", s.pages_total)?;
+        d.set_item("pages_resolved", s.pages_resolved)?;
+        d.set_item("pages_missing", s.pages_total - s.pages_resolved)?;
+        Ok(d)
+    }
+
+    /// The poison this handler knows: the initial set plus poison discovered during the run.
+    fn poison_set(&self) -> PoisonSet {
+        PoisonSet::wrap(self.inner.poison_set())
+    }
+
+    /// The state of the page holding `guest_address`: "missing", "in_flight", "present",
+    /// "poisoned", "removed" or "fenced"; None outside guest memory.
+    fn page_state(&self, guest_address: u64) -> Option<&'static str> {
+        use crate::pagestate::PageState::*;
+        self.inner.page_state(guest_address).map(|s| match s {
+            Missing => "missing",
+            InFlight => "in_flight",
+            Present => "present",
+            Poisoned => "poisoned",
+            Removed => "removed",
+            Fenced => "fenced",
+        })
+    }
+
+    /// True while started and not closed.
+    #[getter]
+    fn running(&self) -> bool {
+        self.inner.is_running()
+    }
+
+    /// Stops the event loop and releases the memory. Pages still missing are fenced (poisoned)
+    /// so that a later access raises SIGBUS instead of reading zeros. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        py.detach(|| self.inner.close());
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.close(py);
+        false
+    }
+}

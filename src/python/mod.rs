@@ -1,0 +1,89 @@
+//! PyO3 bindings: thin wrappers over the core, error mapping in one place, and the GIL released
+//! around everything that can block or touch guest memory. No unsafe code here.
+#![forbid(unsafe_code)]
+
+mod error;
+mod handler;
+mod memory;
+mod poison;
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+/// Returns the machine's userfaultfd capabilities as a dict: kernel release, the feature names
+/// UFFDIO_API offers, whether /dev/userfaultfd and userfaultfd(2) work for this process (or why
+/// not), vm.unprivileged_userfaultfd, 2 MiB hugepages reserved and free, THP mode, /dev/kvm.
+#[pyfunction]
+fn capabilities(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let caps = py.detach(crate::caps::capabilities);
+    let d = PyDict::new(py);
+    d.set_item("kernel_release", &caps.kernel_release)?;
+    let features = caps.uffd_features.unwrap_or(0);
+    d.set_item("userfaultfd", caps.uffd_features.is_some())?;
+    d.set_item("features", crate::sys::feature_names(features))?;
+    d.set_item("poison", features & crate::sys::UFFD_FEATURE_POISON != 0)?;
+    d.set_item(
+        "minor_shmem",
+        features & crate::sys::UFFD_FEATURE_MINOR_SHMEM != 0,
+    )?;
+    d.set_item(
+        "minor_hugetlbfs",
+        features & crate::sys::UFFD_FEATURE_MINOR_HUGETLBFS != 0,
+    )?;
+    d.set_item(
+        "missing_shmem",
+        features & crate::sys::UFFD_FEATURE_MISSING_SHMEM != 0,
+    )?;
+    d.set_item(
+        "missing_hugetlbfs",
+        features & crate::sys::UFFD_FEATURE_MISSING_HUGETLBFS != 0,
+    )?;
+    let open_methods = PyDict::new(py);
+    let describe = |r: &Result<(), String>| match r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.clone(),
+    };
+    open_methods.set_item("/dev/userfaultfd", describe(&caps.dev_userfaultfd))?;
+    open_methods.set_item("userfaultfd(2)", describe(&caps.syscall))?;
+    d.set_item("open_methods", open_methods)?;
+    d.set_item("unprivileged_userfaultfd", caps.unprivileged_userfaultfd)?;
+    d.set_item("hugepages_2m_total", caps.hugepages_total)?;
+    d.set_item("hugepages_2m_free", caps.hugepages_free)?;
+    d.set_item("transparent_hugepages", caps.transparent_hugepages)?;
+    d.set_item("kvm", describe(&caps.kvm))?;
+    Ok(d)
+}
+
+/// The checksum `GuestMemory.touch` reports for a page: FNV-1a over 8-byte little-endian words
+/// (the length must be a multiple of 8). Compare it with the source's bytes.
+#[pyfunction]
+fn page_checksum(py: Python<'_>, data: &[u8]) -> PyResult<u64> {
+    if data.len() % 8 != 0 {
+        return Err(error::ConfigurationError::new_err((
+            22,
+            format!(
+                "page_checksum needs a multiple of 8 bytes, got {}",
+                data.len()
+            ),
+        )));
+    }
+    let _ = py;
+    Ok(crate::sys::probe::checksum(data))
+}
+
+/// The native core of pagewarden.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    error::register(m)?;
+    m.add_class::<memory::GuestMemory>()?;
+    m.add_class::<memory::TouchResult>()?;
+    m.add_class::<poison::PoisonSet>()?;
+    m.add_class::<handler::FileSource>()?;
+    m.add_class::<handler::MemorySource>()?;
+    m.add_class::<handler::ZeroSource>()?;
+    m.add_class::<handler::Handler>()?;
+    m.add_function(wrap_pyfunction!(capabilities, m)?)?;
+    m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
