@@ -1,0 +1,7 @@
+"""``python -m pagewarden``."""
+
+import sys
+
+from pagewarden.cli import main
+
+sys.exit(main())
