@@ -68,6 +68,9 @@ pub struct TouchReport {
     pub elapsed: Duration,
 }
 
+/// One thread's outcomes, latency histogram and summed latency.
+type PartResult = (Vec<(u64, PageOutcome)>, [u64; LATENCY_BUCKETS], Duration);
+
 /// splitmix64: a small deterministic generator for the shuffle (no dependency needed).
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -122,23 +125,22 @@ pub fn touch(
     let parts: Vec<Vec<u64>> = (0..threads)
         .map(|t| list.iter().skip(t).step_by(threads).copied().collect())
         .collect();
-    let results: Vec<(Vec<(u64, PageOutcome)>, [u64; LATENCY_BUCKETS], Duration)> =
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = parts
-                .iter()
-                .enumerate()
-                .map(|(t, part)| {
-                    std::thread::Builder::new()
-                        .name(format!("pagewarden-touch-{t}"))
-                        .spawn_scoped(scope, move || touch_part(memory, part, via))
-                        .expect("spawn a workload thread")
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("workload thread"))
-                .collect()
-        });
+    let results: Vec<PartResult> = std::thread::scope(|scope| {
+        let handles: Vec<_> = parts
+            .iter()
+            .enumerate()
+            .map(|(t, part)| {
+                std::thread::Builder::new()
+                    .name(format!("pagewarden-touch-{t}"))
+                    .spawn_scoped(scope, move || touch_part(memory, part, via))
+                    .expect("spawn a workload thread")
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("workload thread"))
+            .collect()
+    });
     let elapsed = started.elapsed();
     let mut outcomes = Vec::with_capacity(list.len());
     let mut dist = [0u64; LATENCY_BUCKETS];

@@ -1,11 +1,35 @@
 """Type stubs for pagewarden's native core (``pagewarden._native``)."""
 
-from collections.abc import Buffer, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from os import PathLike
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self, final
+
+from typing_extensions import Buffer
 
 __version__: str
+__all__ = [
+    "ConfigurationError",
+    "FileSource",
+    "GuestAddressError",
+    "GuestMemory",
+    "Handler",
+    "HandlerClosedError",
+    "MemorySource",
+    "PagewardenError",
+    "PoisonFileError",
+    "PoisonSet",
+    "PoisonedPageError",
+    "PolicyError",
+    "ProtocolError",
+    "SourceError",
+    "TouchResult",
+    "UnsupportedError",
+    "ZeroSource",
+    "__version__",
+    "capabilities",
+    "page_checksum",
+]
 
 class PagewardenError(OSError):
     """Root of every pagewarden error (an OSError; ``errno`` says the kind)."""
@@ -45,6 +69,7 @@ def capabilities() -> dict[str, Any]:
 def page_checksum(data: bytes) -> int:
     """The checksum ``GuestMemory.touch`` reports for a page with these bytes."""
 
+@final
 class TouchResult:
     """What ``GuestMemory.touch`` saw."""
 
@@ -63,6 +88,7 @@ class TouchResult:
     @property
     def elapsed_s(self) -> float: ...
 
+@final
 class GuestMemory:
     """A range of guest addresses backed by a local mapping."""
 
@@ -103,21 +129,23 @@ class GuestMemory:
     ) -> TouchResult:
         """Touches pages from native threads like a guest would; reports what each page gave."""
 
+@final
 class PoisonSet:
     """A set of poisoned guest pages (guest addresses with a page size)."""
 
-    def __init__(self, guest_addresses: Iterable[int] = ..., page_size: int = 4096) -> None: ...
+    def __new__(cls, guest_addresses: Iterable[int] = ..., page_size: int = 4096) -> Self: ...
     @property
     def page_size(self) -> int: ...
     def add(self, guest_address: int) -> bool:
         """Adds a page-aligned guest address; True if it was new."""
     def add_range(self, guest_address: int, length: int) -> int:
         """Adds a page-aligned range; returns the number of new pages."""
-    def __contains__(self, guest_address: object) -> bool: ...
+    def __contains__(self, key: object, /) -> bool: ...
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterator[int]: ...
-    def __or__(self, other: PoisonSet) -> PoisonSet: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __or__(self, value: PoisonSet, /) -> PoisonSet: ...
+    def __ror__(self, value: PoisonSet, /) -> PoisonSet: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def ranges(self) -> list[tuple[int, int]]:
         """Sorted, coalesced (start guest address, length in bytes) pairs."""
     def intersects(self, guest_address: int, length: int) -> bool:
@@ -139,35 +167,39 @@ class PoisonSet:
     def from_json(text: str, name: str = "<string>") -> PoisonSet:
         """Parses JSON text as ``load`` does."""
 
+@final
 class FileSource:
     """A guest memory image file: the byte at offset X is guest address X."""
 
-    def __init__(self, path: str | PathLike[str]) -> None: ...
+    def __new__(cls, path: str | PathLike[str]) -> Self: ...
     @property
     def path(self) -> str: ...
 
+@final
 class MemorySource:
     """Bytes of a C-contiguous buffer, served without a copy."""
 
-    def __init__(self, buffer: Buffer) -> None: ...
+    def __new__(cls, buffer: Buffer) -> Self: ...
     def __len__(self) -> int: ...
 
+@final
 class ZeroSource:
     """Every page reads zero."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
 
+@final
 class Handler:
     """Serves guest memory through userfaultfd, keeping poison poisoned."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         memory: GuestMemory | Iterable[GuestMemory],
         source: FileSource | MemorySource | ZeroSource,
         poison: PoisonSet | None = None,
         mode: Literal["missing", "minor"] = "missing",
         prefetch: bool = True,
-    ) -> None: ...
+    ) -> Self: ...
     def start(self) -> None:
         """Starts the native event loop; returns at once."""
     def wait(self, timeout: float | None = None) -> bool:
@@ -186,7 +218,7 @@ class Handler:
     def running(self) -> bool: ...
     def close(self) -> None:
         """Stops the loop; pages still missing are fenced (SIGBUS, never zeros). Idempotent."""
-    def __enter__(self) -> Handler: ...
+    def __enter__(self) -> Self: ...
     def __exit__(
         self,
         exc_type: type[BaseException] | None,

@@ -36,7 +36,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
             advice = "set vm.unprivileged_userfaultfd=1 or grant CAP_SYS_PTRACE"
         row(f"  open via {method}", status, advice)
     row("vm.unprivileged_userfaultfd", caps["unprivileged_userfaultfd"])
-    row("UFFDIO_POISON", "yes" if caps["poison"] else "no", "" if caps["poison"] else "needs Linux 6.6+")
+    row(
+        "UFFDIO_POISON",
+        "yes" if caps["poison"] else "no",
+        "" if caps["poison"] else "needs Linux 6.6+",
+    )
     row("MINOR mode (shmem / hugetlb)", f"{caps['minor_shmem']} / {caps['minor_hugetlbfs']}")
     free = caps["hugepages_2m_free"]
     row(

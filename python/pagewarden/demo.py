@@ -140,10 +140,8 @@ def run(args: argparse.Namespace) -> DemoResult:
 
             def guest() -> None:
                 try:
-                    touched.append(
-                        mem.touch(threads=args.threads, order="random", seed=args.seed)
-                    )
-                except BaseException as e:  # reported below
+                    touched.append(mem.touch(threads=args.threads, order="random", seed=args.seed))
+                except BaseException as e:  # noqa: BLE001 - re-raised on the main thread below
                     errors.append(e)
 
             worker = threading.Thread(target=guest, name="demo-guest")
@@ -178,7 +176,10 @@ def run(args: argparse.Namespace) -> DemoResult:
                         index = (start + off) // page_size
                         if index in poisoned_set:
                             result.missing_sigbus.append(index)
-                        elif data[off : off + page_size] != image[start + off : start + off + page_size]:
+                        elif (
+                            data[off : off + page_size]
+                            != image[start + off : start + off + page_size]
+                        ):
                             result.wrong_pages.append(index)
                 except pw.PoisonedPageError:
                     for off in range(0, chunk, page_size):
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> DemoResult:
         codes: dict[int, int] = {}
         for _gpa, _addr, code in touch.sigbus:
             codes[code] = codes.get(code, 0) + 1
-        hist = list(st["latency_dist_us_log2"])  # type: ignore[call-overload]
+        hist = list(st["latency_dist_us_log2"])
         rows = [
             ("pages", f"{pages} x {page_size // 1024} KiB = {size // MIB} MiB"),
             ("pages brought in by faults", f"{st['faults']}"),
@@ -227,15 +228,19 @@ def run(args: argparse.Namespace) -> DemoResult:
             ),
             (
                 "fault latency (handler) avg / p50 / p99",
-                f"{int(st['latency_ns_avg']) / 1000:.1f} µs / {percentile_us(hist, 0.5)} / "  # type: ignore[call-overload]
-                f"{percentile_us(hist, 0.99)}",
+                (
+                    f"{int(st['latency_ns_avg']) / 1000:.1f} µs / {percentile_us(hist, 0.5)} / "
+                    f"{percentile_us(hist, 0.99)}"
+                ),
             ),
             ("touch latency (guest) avg", f"{touch.latency_ns_avg / 1000:.1f} µs"),
             ("EEXIST / EAGAIN", f"{st['eexist']} / {st['eagain_retries']}"),
             (
                 "throughput",
-                f"{size / MIB / result.elapsed_s:.0f} MiB/s "
-                f"({pages / result.elapsed_s:.0f} pages/s), {result.elapsed_s:.2f} s",
+                (
+                    f"{size / MIB / result.elapsed_s:.0f} MiB/s "
+                    f"({pages / result.elapsed_s:.0f} pages/s), {result.elapsed_s:.2f} s"
+                ),
             ),
             ("pages wrong", f"{len(result.wrong_pages)}"),
             (
@@ -245,13 +250,11 @@ def run(args: argparse.Namespace) -> DemoResult:
             ("healthy pages that SIGBUSed", f"{len(result.unexpected_sigbus)}"),
         ]
         width = max(len(k) for k, _ in rows)
-        print("", file=out)
+        print(file=out)
         for k, v in rows:
             print(f"  {k.ljust(width)}  {v}", file=out)
         verdict = (
-            "OK: every page byte-exact, every poisoned page SIGBUSed"
-            if result.ok
-            else "FAILED"
+            "OK: every page byte-exact, every poisoned page SIGBUSed" if result.ok else "FAILED"
         )
         print(f"\n{verdict}", file=out)
     return result

@@ -278,6 +278,7 @@ pub mod request {
         nix::request_code_readwrite!(UFFDIO, 0x07, size_of::<UffdioContinue>()) as u64;
     pub const POISON: u64 =
         nix::request_code_readwrite!(UFFDIO, 0x08, size_of::<UffdioPoison>()) as u64;
+    #[allow(clippy::unnecessary_cast)] // the macro's type differs between targets
     pub const USERFAULTFD_IOC_NEW: u64 = nix::request_code_none!(UFFDIO, 0x00) as u64;
     use std::mem::size_of;
 }
