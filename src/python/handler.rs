@@ -181,6 +181,15 @@ fn check_timeout(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
+impl Drop for Handler {
+    fn drop(&mut self) {
+        // Dropped by Python with the GIL held: release it while the event loop thread is joined,
+        // so that everything the loop owns (a MemorySource's exported buffer among them) is
+        // released here, on a Python thread, and not later on the native one.
+        Python::attach(|py| py.detach(|| self.inner.close()));
+    }
+}
+
 #[pymethods]
 impl Handler {
     /// Registers `memory` with a new userfaultfd and installs the known poison. Nothing is served
