@@ -95,7 +95,8 @@ pub(crate) struct Shared {
     pub(crate) stop_event: EventFd,
     /// A zero huge page to copy from on hugetlb, which has no ZEROPAGE (allocated once).
     pub(crate) zero_page: Vec<u8>,
-    poison_page_size: u64,
+    /// The poison the handler was given, kept as given (page size and all).
+    initial_poison: PoisonSet,
     status: Mutex<Status>,
     cond: Condvar,
 }
@@ -408,7 +409,7 @@ impl Handler {
             stop: AtomicBool::new(false),
             stop_event,
             zero_page: vec![0u8; max_page as usize],
-            poison_page_size: poison.page_size(),
+            initial_poison: poison.clone(),
             status: Mutex::new(Status::default()),
             cond: Condvar::new(),
         };
@@ -548,10 +549,13 @@ impl Handler {
         snap
     }
 
-    /// The poison this handler knows: the initial set plus poison discovered during the run, at
-    /// the initial set's page size (a poisoned huge page counts all its small pages).
+    /// The poison this handler knows: the initial set as given, plus every page that became
+    /// poisoned during the run and is not already covered by it, at the initial set's page size
+    /// (a poisoned huge page counts all the small pages inside it).
     pub fn poison_set(&self) -> PoisonSet {
-        let mut set = PoisonSet::new(self.shared.poison_page_size).expect("validated page size");
+        let initial = &self.shared.initial_poison;
+        let page_size = initial.page_size();
+        let mut set = initial.clone();
         for region in &self.shared.regions {
             let pages = region.states.len();
             let mut i = 0;
@@ -564,16 +568,16 @@ impl Handler {
                 while i < pages && region.states.get(i) == PageState::Poisoned {
                     i += 1;
                 }
-                let start = region.guest_address_of_page(first);
-                let len = (i - first) as u64 * region.page_size;
-                let small = self.shared.poison_page_size.min(region.page_size);
-                let mut converted = PoisonSet::new(small).expect("valid page size");
-                converted.add_range(start, len).expect("aligned range");
-                set = set.union(
-                    &converted
-                        .with_page_size(self.shared.poison_page_size)
-                        .expect("valid"),
-                );
+                for k in first..i {
+                    let gpa = region.guest_address_of_page(k);
+                    if initial.intersects(gpa, region.page_size) {
+                        continue;
+                    }
+                    let small = page_size.min(region.page_size);
+                    let mut page = PoisonSet::new(small).expect("valid page size");
+                    page.add_range(gpa, region.page_size).expect("aligned page");
+                    set = set.union(&page.with_page_size(page_size).expect("valid page size"));
+                }
             }
         }
         set
