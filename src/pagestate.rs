@@ -44,9 +44,13 @@ impl PageState {
     pub fn can_become(self, to: PageState) -> bool {
         use PageState::*;
         match (self, to) {
+            // Real poison found on a fenced page: it stays a marker, now recorded as poison.
+            (Fenced, Poisoned) => true,
             // Poison and fences are forever.
             (Poisoned, _) | (Fenced, _) => false,
             (Missing, InFlight) | (Removed, InFlight) => true,
+            // A repeated fault on a present page claims it for its (EEXIST-expected) ioctl.
+            (Present, InFlight) => true,
             (InFlight, Present) | (InFlight, Missing) | (InFlight, Removed) => true,
             // Known poison, runtime poison, or poison discovered at the source.
             (Missing, Poisoned) | (Present, Poisoned) | (Removed, Poisoned) => true,
@@ -148,10 +152,16 @@ impl PageStates {
         true
     }
 
-    /// Claims page `index` for a resolution (Missing or Removed -> InFlight); returns the state it
-    /// had, or `Err(current)` when it cannot be claimed (poisoned, present, ...).
+    /// Claims page `index` for a resolution that needs content (Missing or Removed ->
+    /// InFlight); returns the state it had, or `Err(current)` when it cannot be claimed
+    /// (poisoned, present, in flight, fenced).
     pub fn claim(&self, index: usize) -> Result<PageState, PageState> {
-        self.transition(index, PageState::InFlight)
+        for from in [PageState::Missing, PageState::Removed] {
+            if self.transition_from(index, from, PageState::InFlight) {
+                return Ok(from);
+            }
+        }
+        Err(self.get(index))
     }
 
     /// Counts pages in `state`.
@@ -174,7 +184,7 @@ mod tests {
     fn poison_and_fences_are_terminal() {
         for to in ALL {
             assert!(!Poisoned.can_become(to), "Poisoned -> {to:?}");
-            assert!(!Fenced.can_become(to), "Fenced -> {to:?}");
+            assert_eq!(Fenced.can_become(to), to == Poisoned, "Fenced -> {to:?}");
         }
     }
 

@@ -305,22 +305,32 @@ impl<'a> EventLoop<'a> {
                 }
                 Err(_) => self.resolve_inner(fault),
             },
-            PageState::Present | PageState::InFlight => {
+            // Held by another resolver (a runtime poisoning under way): look again shortly.
+            PageState::InFlight => Ok(Outcome::Again),
+            PageState::Present => {
                 // Usually a second thread's fault on a page resolved since it was queued: the
                 // ioctl below finds it mapped (EEXIST) and wakes the range. If the page was
                 // dropped behind our back (hole punched through the fd, MADV_FREE), the guest
-                // would read zeros without us too, so zeros are right.
+                // would read zeros without us too, so zeros are right. The page is claimed
+                // (Present -> InFlight) for the ioctl, so a concurrent runtime poisoning waits
+                // and can never be undone by it.
+                if !region.states.transition_from(
+                    fault.index,
+                    PageState::Present,
+                    PageState::InFlight,
+                ) {
+                    return self.resolve_inner(fault);
+                }
                 let host = region.start + fault.index as u64 * region.page_size;
                 let ps = region.page_size;
                 let res = if minor_mode {
                     match sh.uffd.continue_range(host, ps, true) {
                         Err(p) if p.errno != Errno::EEXIST && p.errno != Errno::EAGAIN => {
                             let offset = fault.index as u64 * ps;
-                            region
-                                .memory
-                                .zero_page_cache(offset, ps, false)
-                                .map_err(|e| Error::os("fallocate", e))?;
-                            sh.uffd.continue_range(host, ps, true)
+                            match region.memory.zero_page_cache(offset, ps, false) {
+                                Ok(()) => sh.uffd.continue_range(host, ps, true),
+                                Err(errno) => Err(Partial { errno, done: 0 }),
+                            }
                         }
                         other => other,
                     }
@@ -329,6 +339,9 @@ impl<'a> EventLoop<'a> {
                 } else {
                     sh.uffd.zeropage(host, ps, true)
                 };
+                region
+                    .states
+                    .transition_from(fault.index, PageState::InFlight, PageState::Present);
                 self.settle_single(region, host, res, "resolving a repeated fault")
             }
         }
