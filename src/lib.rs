@@ -5,6 +5,7 @@
 pub mod caps;
 pub mod engine;
 pub mod error;
+pub mod journal;
 pub mod memory;
 pub mod pagestate;
 pub mod poison;

@@ -102,6 +102,19 @@ impl PoisonSet {
             > 0
     }
 
+    /// True if every page overlapping `[guest_address, guest_address + len)` is poisoned (false
+    /// for an empty range).
+    pub fn contains_range(&self, guest_address: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let (first, last) = (
+            guest_address / self.page_size,
+            guest_address.saturating_add(len - 1) / self.page_size,
+        );
+        self.pages.range_cardinality(first..=last) == last - first + 1
+    }
+
     /// The number of poisoned pages.
     pub fn len(&self) -> u64 {
         self.pages.len()

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterable, Iterator
 from os import PathLike
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, final
 
@@ -18,6 +19,7 @@ __all__ = [
     "MemorySource",
     "PagewardenError",
     "PoisonFileError",
+    "PoisonJournalWarning",
     "PoisonSet",
     "PoisonedPageError",
     "PolicyError",
@@ -59,6 +61,9 @@ class PolicyError(PagewardenError):
 
 class GuestAddressError(PagewardenError):
     """A guest address or range outside guest memory, or not page aligned."""
+
+class PoisonJournalWarning(UserWarning):
+    """A poison journal had a torn last record (a crash mid-append); it was ignored and cut off."""
 
 class ConfigurationError(PagewardenError):
     """A bad argument: a size that is not a page multiple, an unknown mode, overlapping regions."""
@@ -173,7 +178,7 @@ class FileSource:
 
     def __new__(cls, path: str | PathLike[str]) -> Self: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
 
 @final
 class MemorySource:
@@ -199,6 +204,7 @@ class Handler:
         poison: PoisonSet | None = None,
         mode: Literal["missing", "minor"] = "missing",
         prefetch: bool = True,
+        poison_journal: str | PathLike[str] | None = None,
     ) -> Self: ...
     def start(self) -> None:
         """Starts the native event loop; returns at once."""
@@ -214,6 +220,14 @@ class Handler:
         self, guest_address: int
     ) -> Literal["missing", "in_flight", "present", "poisoned", "removed", "fenced"] | None:
         """The state of the page holding ``guest_address``."""
+    def poison(self, guest_address: int) -> bool:
+        """Poisons the page holding ``guest_address`` now; True if it was not poisoned yet."""
+    def poison_range(self, guest_address: int, length: int) -> int:
+        """Poisons every page overlapping the range; returns the number newly poisoned."""
+    def record_hardware_poison(self, host_address: int, lsb: int = 12) -> int:
+        """Poisons the guest page(s) of a hardware memory error at ``host_address``."""
+    @property
+    def poison_journal(self) -> Path | None: ...
     @property
     def running(self) -> bool: ...
     def close(self) -> None:

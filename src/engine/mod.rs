@@ -5,6 +5,7 @@
 pub mod event_loop;
 pub mod stats;
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -15,6 +16,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::mman::MmapAdvise;
 
 use crate::error::{Error, Result};
+use crate::journal::Journal;
 use crate::memory::{GuestMemory, MemoryKind};
 use crate::pagestate::{PageState, PageStates};
 use crate::poison::PoisonSet;
@@ -196,6 +198,26 @@ pub struct Handler {
     thread: Mutex<Option<JoinHandle<()>>>,
     started: AtomicBool,
     closed: AtomicBool,
+    journal: Option<Journal>,
+    journal_warning: Option<String>,
+}
+
+/// True if `[start, start + len)` lies entirely inside the (non-overlapping) `memories`.
+fn guest_range_covered(memories: &[Arc<GuestMemory>], start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    let covered: u64 = memories
+        .iter()
+        .map(|m| {
+            let (lo, hi) = (
+                start.max(m.guest_address()),
+                end.min(m.guest_address() + m.size()),
+            );
+            hi.saturating_sub(lo)
+        })
+        .sum();
+    covered == len
 }
 
 const UFFDIO_POISON_BIT: u64 = 1 << 8;
@@ -249,6 +271,28 @@ impl Handler {
         poison: &PoisonSet,
         config: HandlerConfig,
     ) -> Result<Self> {
+        Self::with_journal(memories, source, poison, config, None)
+    }
+
+    /// As [`new`](Self::new), with a poison journal at `journal`: an existing journal is replayed
+    /// and merged with `poison`, the merged set is written to it, and every page poisoned later
+    /// is appended and made durable before it is acknowledged.
+    pub fn with_journal(
+        memories: Vec<Arc<GuestMemory>>,
+        source: Arc<dyn PageSource>,
+        poison: &PoisonSet,
+        config: HandlerConfig,
+        journal: Option<&Path>,
+    ) -> Result<Self> {
+        let (journal, journaled, journal_warning) = match journal {
+            Some(path) => {
+                let (j, set, torn) = Journal::open(path, poison.page_size())?;
+                (Some(j), set, torn)
+            }
+            None => (None, PoisonSet::new(poison.page_size())?, None),
+        };
+        let merged = poison.union(&journaled);
+        let poison = &merged;
         if memories.is_empty() {
             return Err(Error::Config(
                 "a Handler needs at least one GuestMemory".into(),
@@ -294,8 +338,7 @@ impl Handler {
             }
         }
         for (start, len) in poison.ranges() {
-            let inside = |addr: u64| memories.iter().any(|m| m.contains_guest(addr, 1));
-            if !inside(start) || !inside(start + len - 1) {
+            if !guest_range_covered(&memories, start, len) {
                 return Err(Error::GuestAddress(format!(
                     "the poison set holds guest range {start:#x}..{:#x}, outside guest memory",
                     start + len
@@ -315,7 +358,21 @@ impl Handler {
         if result.is_err() {
             memories.iter().for_each(|m| m.release());
         }
-        result
+        let mut handler = result?;
+        if let Some(journal) = &journal {
+            // Make the journal complete on its own: the initial poison it does not hold yet.
+            let missing: Vec<(u64, u64)> = poison
+                .ranges()
+                .into_iter()
+                .filter(|&(a, l)| !journaled.contains_range(a, l))
+                .collect();
+            if !missing.is_empty() {
+                journal.record(&missing)?;
+            }
+        }
+        handler.journal = journal;
+        handler.journal_warning = journal_warning;
+        Ok(handler)
     }
 
     fn register(
@@ -418,6 +475,8 @@ impl Handler {
             thread: Mutex::new(None),
             started: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            journal: None,
+            journal_warning: None,
         })
     }
 
@@ -593,6 +652,180 @@ impl Handler {
         })
     }
 
+    /// Poisons every page overlapping `[guest_address, guest_address + len)` now, wherever it
+    /// stands: a missing page gets the marker; a present (or removed) page is dropped (anon:
+    /// MADV_DONTNEED; memfd: hole punched) and then marked. The page state goes to Poisoned first,
+    /// so no concurrent fault or prefetch can map the page again. With a journal, the new poison
+    /// is durable before this returns. Returns the number of pages newly poisoned. Needs a
+    /// running handler (dropping an anonymous page raises an event only the loop can read).
+    pub fn poison_range(&self, guest_address: u64, len: u64) -> Result<u64> {
+        self.check_open()?;
+        if !self.started.load(Ordering::Acquire) {
+            return Err(Error::Config(
+                "Handler.poison() before Handler.start(): start the handler first".into(),
+            ));
+        }
+        if len == 0 {
+            return Err(Error::GuestAddress(
+                "an empty range cannot be poisoned".into(),
+            ));
+        }
+        let memories: Vec<Arc<GuestMemory>> = self
+            .shared
+            .regions
+            .iter()
+            .map(|r| r.memory.clone())
+            .collect();
+        if !guest_range_covered(&memories, guest_address, len) {
+            return Err(Error::GuestAddress(format!(
+                "guest range {guest_address:#x}+{len:#x} is not inside guest memory"
+            )));
+        }
+        let end = guest_address + len;
+        let mut newly: Vec<(usize, usize)> = Vec::new();
+        for (ri, region) in self.shared.regions.iter().enumerate() {
+            let base = region.memory.guest_address();
+            let (lo, hi) = (
+                guest_address.max(base),
+                end.min(base + region.memory.size()),
+            );
+            if lo >= hi {
+                continue;
+            }
+            let first = ((lo - base) / region.page_size) as usize;
+            let last = (hi - base).div_ceil(region.page_size) as usize;
+            for i in first..last {
+                if let Some(prev) = self.claim_for_poison(region, i) {
+                    newly.push((ri, i));
+                    let _ = prev;
+                }
+            }
+        }
+        // Durable before anything else can be acknowledged; the states already say Poisoned, so
+        // a failure here leaves the pages poisoned, never less.
+        if let Some(journal) = &self.journal {
+            let ranges: Vec<(u64, u64)> = newly
+                .iter()
+                .map(|&(ri, i)| {
+                    let r = &self.shared.regions[ri];
+                    (r.guest_address_of_page(i), r.page_size)
+                })
+                .collect();
+            if !ranges.is_empty() {
+                journal.record(&ranges)?;
+            }
+        }
+        for &(ri, i) in &newly {
+            self.drop_and_mark(&self.shared.regions[ri], i)?;
+        }
+        Stats::add(
+            &self.shared.stats.pages_poisoned_runtime,
+            newly.len() as u64,
+        );
+        Ok(newly.len() as u64)
+    }
+
+    /// Moves page `i` to Poisoned; returns its previous state if it was not poisoned already.
+    fn claim_for_poison(&self, region: &Region, i: usize) -> Option<PageState> {
+        loop {
+            match region.states.get(i) {
+                PageState::Poisoned => return None,
+                // A resolution holds the page for one ioctl: wait for it to finish.
+                PageState::InFlight => std::thread::yield_now(),
+                state => {
+                    if region.states.transition_from(i, state, PageState::Poisoned) {
+                        return Some(state);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops page `i`'s memory and installs its poison marker.
+    fn drop_and_mark(&self, region: &Region, i: usize) -> Result<()> {
+        let ps = region.page_size;
+        let offset = i as u64 * ps;
+        let host = region.start + offset;
+        let memory = &region.memory;
+        for _attempt in 0..100 {
+            // Dropping a page that has none is cheap; dropping always keeps this simple and
+            // also clears a page cache filled behind our back (MINOR mode).
+            memory.drop_pages(offset, ps)?;
+            loop {
+                match self.shared.uffd.poison(host, ps, true) {
+                    Ok(()) => {
+                        Stats::add(&self.shared.stats.pages_poisoned, 1);
+                        return Ok(());
+                    }
+                    Err(p) if p.errno == Errno::EAGAIN => std::thread::yield_now(),
+                    Err(p) if p.errno == Errno::EEXIST => break,
+                    // Unmapped meanwhile: nothing can reach it any more.
+                    Err(p) if p.errno == Errno::ENOENT => return Ok(()),
+                    Err(p) => {
+                        return Err(Error::os(
+                            format!(
+                                "UFFDIO_POISON at guest address {:#x}",
+                                region.guest_address_of_page(i)
+                            ),
+                            p.errno,
+                        ))
+                    }
+                }
+            }
+            // EEXIST: usually the event loop answered a racing fault with the marker already.
+            // Check through the kernel path: EFAULT means the marker is there.
+            let mut byte = [0u8; 1];
+            if memory
+                .read(region.guest_address_of_page(i), &mut byte)
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        Err(Error::Config(format!(
+            "guest page {:#x} keeps being mapped again while it is poisoned (a shared file mapping \
+             whose page cache pagewarden cannot drop?)",
+            region.guest_address_of_page(i)
+        )))
+    }
+
+    /// For a VMM that caught a hardware memory error (SIGBUS BUS_MCEERR_AO/AR with a host
+    /// address and `si_addr_lsb`): poisons the guest page(s) holding `host_address` the same way
+    /// as [`poison_range`](Self::poison_range). Returns the guest address of the first page.
+    pub fn record_hardware_poison(&self, host_address: u64, lsb: u32) -> Result<u64> {
+        let granule = 1u64 << lsb.clamp(12, 30);
+        let aligned = host_address & !(granule - 1);
+        let region = self
+            .shared
+            .regions
+            .iter()
+            .find(|r| host_address >= r.start && host_address < r.end)
+            .ok_or_else(|| {
+                Error::GuestAddress(format!(
+                    "host address {host_address:#x} is not in guest memory"
+                ))
+            })?;
+        let start = aligned.max(region.start);
+        let end = (aligned + granule).min(region.end);
+        let gpa = region
+            .memory
+            .guest_address_of(start)
+            .expect("inside the region");
+        let gpa = gpa - (gpa - region.memory.guest_address()) % region.page_size;
+        self.poison_range(gpa, (end - start).max(1))?;
+        Ok(gpa)
+    }
+
+    /// A torn journal tail found (and cut off) when the journal was opened.
+    pub fn journal_warning(&self) -> Option<&str> {
+        self.journal_warning.as_deref()
+    }
+
+    /// The journal's path, if the handler keeps one.
+    pub fn journal_path(&self) -> Option<&Path> {
+        self.journal.as_ref().map(|j| j.path())
+    }
+
     /// True once started and not yet closed.
     pub fn is_running(&self) -> bool {
         self.started.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
@@ -613,6 +846,9 @@ impl Handler {
         self.shared.fence_missing();
         for r in &self.shared.regions {
             r.memory.release();
+        }
+        if let Some(journal) = &self.journal {
+            let _ = journal.close();
         }
         self.shared.notify();
     }

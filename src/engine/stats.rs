@@ -75,6 +75,8 @@ counters! {
     pages_zeroed,
     /// Poison markers installed (known poison up front, and again after each removal).
     pages_poisoned,
+    /// Pages poisoned at run time (`Handler::poison_range`, hardware errors).
+    pages_poisoned_runtime,
     /// Pages brought in by background prefetch rather than by a fault.
     pages_prefetched,
     /// Resolutions that found the page already mapped (EEXIST), then woke the range.

@@ -67,6 +67,13 @@ pyo3::create_exception!(
     "A bad argument: a size that is not a page multiple, an unknown mode, overlapping regions."
 );
 
+pyo3::create_exception!(
+    pagewarden,
+    PoisonJournalWarning,
+    pyo3::exceptions::PyUserWarning,
+    "A poison journal had a torn last record (a crash mid-append); it was ignored and cut off."
+);
+
 /// Converts a core error into the matching Python exception, with `errno` set.
 pub fn to_py(error: Error) -> PyErr {
     let errno = error.errno() as i32;
@@ -116,5 +123,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("PolicyError", py.get_type::<PolicyError>())?;
     m.add("GuestAddressError", py.get_type::<GuestAddressError>())?;
     m.add("ConfigurationError", py.get_type::<ConfigurationError>())?;
+    m.add(
+        "PoisonJournalWarning",
+        py.get_type::<PoisonJournalWarning>(),
+    )?;
     Ok(())
 }

@@ -195,7 +195,7 @@ impl Handler {
     /// Registers `memory` with a new userfaultfd and installs the known poison. Nothing is served
     /// until `start()`.
     #[new]
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true))]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
@@ -203,6 +203,7 @@ impl Handler {
         poison: Option<&PoisonSet>,
         mode: &str,
         prefetch: bool,
+        poison_journal: Option<PathBuf>,
     ) -> PyResult<Self> {
         let memories = memories_of(memory)?;
         let source = source_of(source)?;
@@ -220,8 +221,29 @@ impl Handler {
         };
         let config = HandlerConfig { mode, prefetch };
         let inner = py
-            .detach(move || CoreHandler::new(memories, source, &poison, config))
+            .detach(move || {
+                CoreHandler::with_journal(
+                    memories,
+                    source,
+                    &poison,
+                    config,
+                    poison_journal.as_deref(),
+                )
+            })
             .py_err()?;
+        if let Some(warning) = inner.journal_warning() {
+            let path = inner
+                .journal_path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let message = format!("poison journal {path}: {warning}");
+            PyErr::warn(
+                py,
+                &py.get_type::<super::error::PoisonJournalWarning>(),
+                &std::ffi::CString::new(message).unwrap_or_default(),
+                1,
+            )?;
+        }
         Ok(Self { inner })
     }
 
@@ -302,6 +324,39 @@ impl Handler {
             Removed => "removed",
             Fenced => "fenced",
         })
+    }
+
+    /// Poisons the page holding `guest_address` now, wherever it stands (missing: marked;
+    /// present: dropped, then marked), atomically against concurrent faults and prefetch. With a
+    /// journal, the poison is on disk before this returns. Returns True if the page was not
+    /// poisoned already. Needs a started handler. Runs with the GIL released.
+    fn poison(&self, py: Python<'_>, guest_address: u64) -> PyResult<bool> {
+        Ok(py
+            .detach(|| self.inner.poison_range(guest_address, 1))
+            .py_err()?
+            > 0)
+    }
+
+    /// Poisons every page overlapping [guest_address, guest_address + length) as `poison` does;
+    /// returns the number of pages newly poisoned.
+    fn poison_range(&self, py: Python<'_>, guest_address: u64, length: u64) -> PyResult<u64> {
+        py.detach(|| self.inner.poison_range(guest_address, length))
+            .py_err()
+    }
+
+    /// For a VMM that caught a real hardware memory error (SIGBUS with BUS_MCEERR_AO/AR): poisons
+    /// the guest page(s) holding host address `host_address`, `2**lsb` bytes (`si_addr_lsb`)
+    /// around it. Returns the guest address of the first page poisoned.
+    #[pyo3(signature = (host_address, lsb = 12))]
+    fn record_hardware_poison(&self, py: Python<'_>, host_address: u64, lsb: u32) -> PyResult<u64> {
+        py.detach(|| self.inner.record_hardware_poison(host_address, lsb))
+            .py_err()
+    }
+
+    /// The poison journal's path, or None.
+    #[getter]
+    fn poison_journal(&self) -> Option<PathBuf> {
+        self.inner.journal_path().map(|p| p.to_path_buf())
     }
 
     /// True while started and not closed.

@@ -123,11 +123,35 @@ impl PoisonSet {
 
     /// Reads a set saved by `save`. Raises PoisonFileError naming the file and what is wrong
     /// (corrupt, truncated, another version, misaligned, ...).
+    /// A poison journal (`Handler(poison_journal=...)`) is read too; a torn last record in it is
+    /// ignored with a PoisonJournalWarning.
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        Ok(Self::wrap(
-            py.detach(|| CorePoisonSet::load(&path)).py_err()?,
-        ))
+        let p = path.clone();
+        let (set, torn) = py
+            .detach(move || -> crate::Result<(CorePoisonSet, Option<String>)> {
+                let bytes = std::fs::read(&p).map_err(|e| crate::Error::PoisonFile {
+                    path: p.clone(),
+                    reason: e.to_string(),
+                })?;
+                if crate::journal::looks_like_journal(&bytes) {
+                    let replay = crate::journal::replay_bytes(&bytes, &p)?;
+                    Ok((replay.poison, replay.torn))
+                } else {
+                    Ok((CorePoisonSet::load(&p)?, None))
+                }
+            })
+            .py_err()?;
+        if let Some(torn) = torn {
+            let message = format!("poison journal {}: {torn}", path.display());
+            PyErr::warn(
+                py,
+                &py.get_type::<super::error::PoisonJournalWarning>(),
+                &std::ffi::CString::new(message).unwrap_or_default(),
+                1,
+            )?;
+        }
+        Ok(Self::wrap(set))
     }
 
     /// The JSON text `save` writes.
