@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("info", help="what this machine offers (userfaultfd, hugepages, KVM)")
     p.set_defaults(func=_cmd_info)
+    from pagewarden import poison_tools
+
+    poison_tools.add_parser(sub)
     return parser
 
 
@@ -87,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except pw.PagewardenError as e:
-        print(f"pagewarden: error: {e}", file=sys.stderr)
+        print(f"pagewarden: error: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pagewarden: interrupted", file=sys.stderr)
