@@ -31,6 +31,8 @@ pub enum MemoryKind {
     Hugetlb,
     /// A caller's mapping named by address.
     External,
+    /// Memory of another process (a VMM that handed us its uffd), named by its addresses there.
+    Remote,
 }
 
 impl MemoryKind {
@@ -41,6 +43,7 @@ impl MemoryKind {
             MemoryKind::Shmem => "shmem",
             MemoryKind::Hugetlb => "hugetlb",
             MemoryKind::External => "external",
+            MemoryKind::Remote => "remote",
         }
     }
 }
@@ -56,6 +59,9 @@ pub struct GuestMemory {
     /// A second shared mapping of the memfd, to fill the page cache for MINOR mode.
     alias: OnceLock<Mapping>,
     in_use: AtomicBool,
+    /// For Remote memory: the process whose address space `mapping` names. Such a mapping is
+    /// only a range of numbers here; nothing local is ever done with it.
+    remote_pid: Option<i32>,
 }
 
 fn check_size(size: u64, page_size: u64) -> Result<()> {
@@ -145,6 +151,7 @@ impl GuestMemory {
             memfd,
             alias: OnceLock::new(),
             in_use: AtomicBool::new(false),
+            remote_pid: None,
         }
     }
 
@@ -251,6 +258,62 @@ impl GuestMemory {
         ))
     }
 
+    /// Memory of process `pid` at its address `address` (a VMM such as Firecracker that created
+    /// and registered a uffd over it and handed the uffd to us). Faults are resolved through that
+    /// uffd; reads go through process_vm_readv on `pid`; nothing is mapped or advised locally.
+    pub fn remote(
+        pid: i32,
+        address: u64,
+        size: u64,
+        page_size: u64,
+        guest_address: u64,
+    ) -> Result<Self> {
+        if page_size != PAGE_SIZE_4K && page_size != PAGE_SIZE_2M {
+            return Err(Error::Config(format!(
+                "page size {page_size:#x} is not supported: use 4096 or 2097152 (2 MiB hugetlb)"
+            )));
+        }
+        check_size(size, page_size)?;
+        check_guest_address(guest_address, size, page_size)?;
+        if address % page_size != 0 || address == 0 || address.checked_add(size).is_none() {
+            return Err(Error::Config(format!(
+                "host address {address:#x} of process {pid} is not aligned to the page size {page_size:#x}"
+            )));
+        }
+        let mapping = Mapping::borrowed(address as usize, size as usize)
+            .map_err(|e| Error::os("remote memory", e))?;
+        let mut memory = Self::build(mapping, MemoryKind::Remote, page_size, guest_address, None);
+        memory.remote_pid = Some(pid);
+        Ok(memory)
+    }
+
+    /// The process whose memory this is, for Remote memory.
+    pub fn remote_pid(&self) -> Option<i32> {
+        self.remote_pid
+    }
+
+    /// True for hugetlb memory (local memfd, or remote memory with 2 MiB pages), which has no
+    /// UFFDIO_ZEROPAGE.
+    pub fn is_hugetlb(&self) -> bool {
+        self.kind == MemoryKind::Hugetlb
+            || (self.kind == MemoryKind::Remote && self.page_size == PAGE_SIZE_2M)
+    }
+
+    fn local_only(&self, what: &str) -> Result<()> {
+        match self.remote_pid {
+            None => Ok(()),
+            Some(pid) => Err(Error::Unsupported {
+                what: format!("{what} is not possible on memory of another process"),
+                detail: format!("this guest memory belongs to process {pid}"),
+            }),
+        }
+    }
+
+    /// Fails for memory of another process (the workload and local advice need a local mapping).
+    pub fn check_local(&self, what: &str) -> Result<()> {
+        self.local_only(what)
+    }
+
     /// Host virtual address of the first byte.
     pub fn address(&self) -> u64 {
         self.mapping.address() as u64
@@ -335,7 +398,11 @@ impl GuestMemory {
                 len: buf.len() - done,
             }];
             let mut local = [std::io::IoSliceMut::new(&mut buf[done..])];
-            match process_vm_readv(nix::unistd::getpid(), &mut local, &remote) {
+            let pid = self
+                .remote_pid
+                .map(nix::unistd::Pid::from_raw)
+                .unwrap_or_else(nix::unistd::getpid);
+            match process_vm_readv(pid, &mut local, &remote) {
                 Ok(0) | Err(Errno::EFAULT) => {
                     let page = gpa - (gpa - self.guest_address) % self.page_size;
                     return Err(Error::PoisonedPage {
@@ -362,6 +429,7 @@ impl GuestMemory {
 
     /// Advises `[offset, offset + len)` of the mapping.
     pub fn advise(&self, offset: u64, len: u64, advice: MmapAdvise) -> Result<()> {
+        self.local_only("madvise")?;
         self.mapping
             .advise(offset as usize, len as usize, advice)
             .map_err(|e| Error::os(format!("madvise({advice:?})"), e))

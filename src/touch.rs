@@ -89,6 +89,7 @@ pub fn touch(
     order: TouchOrder,
     via: TouchVia,
 ) -> Result<TouchReport> {
+    memory.check_local("touching guest memory")?;
     let ps = memory.page_size();
     let mut list = match pages {
         Some(list) => {

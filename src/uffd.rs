@@ -159,13 +159,31 @@ impl Uffd {
         })
     }
 
-    /// Wraps a uffd created elsewhere (handed over by a VMM) whose features are `features`.
-    pub fn from_fd(fd: OwnedFd, features: u64) -> Self {
-        Self {
+    /// Wraps a uffd created, negotiated and registered elsewhere (handed over by a VMM), with the
+    /// feature bits it was negotiated with if known (0 otherwise). Made non-blocking: the event
+    /// loop drains it until EAGAIN.
+    pub fn from_fd(fd: OwnedFd, features: u64) -> Result<Self> {
+        use nix::fcntl::{fcntl, FcntlArg};
+        let flags = fcntl(&fd, FcntlArg::F_GETFL)
+            .map_err(|e| Error::os("fcntl(F_GETFL) on the handed-over uffd", e))?;
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        fcntl(&fd, FcntlArg::F_SETFL(flags))
+            .map_err(|e| Error::os("fcntl(F_SETFL) on the handed-over uffd", e))?;
+        // Anything but a uffd would fail oddly later; UFFDIO_WAKE on an empty range is harmless
+        // on a uffd and tells us now.
+        if let Err(e) = sys::ioctl_wake(fd.as_fd(), &mut sys::UffdioRange { start: 0, len: 0 }) {
+            if e == Errno::ENOTTY || e == Errno::EBADF {
+                return Err(Error::Config(format!(
+                    "the handed-over descriptor is not a userfaultfd ({})",
+                    e.desc()
+                )));
+            }
+        }
+        Ok(Self {
             fd,
             features,
             method: OpenMethod::Syscall,
-        }
+        })
     }
 
     /// The negotiated feature bits.

@@ -74,6 +74,15 @@ def capabilities() -> dict[str, Any]:
 def page_checksum(data: bytes) -> int:
     """The checksum ``GuestMemory.touch`` reports for a page with these bytes."""
 
+# Benchmark helpers (private; used by ``pagewarden bench`` and ``benches/``).
+def _bench_touch(memory: GuestMemory, threads: int = 1) -> tuple[float, list[int], int]:
+    """Touches every page once from native threads; (seconds, per-page ns, SIGBUS count)."""
+
+def _bench_poison_lookups(
+    poison: PoisonSet, span: int, count: int = 1048576, repeat: int = 8, seed: int = 1
+) -> tuple[int, int, float]:
+    """Native membership lookups of random addresses in [0, span); (lookups, hits, seconds)."""
+
 @final
 class TouchResult:
     """What ``GuestMemory.touch`` saw."""
@@ -108,6 +117,13 @@ class GuestMemory:
         address: int, size: int, page_size: int = 4096, guest_address: int = 0
     ) -> GuestMemory:
         """The caller's existing, entirely mapped range at host ``address``."""
+    @staticmethod
+    def remote(
+        pid: int, address: int, size: int, page_size: int = 4096, guest_address: int = 0
+    ) -> GuestMemory:
+        """Memory of process ``pid`` at its ``address``, served through a uffd it handed over."""
+    @property
+    def pid(self) -> int | None: ...
     @property
     def address(self) -> int: ...
     @property
@@ -117,7 +133,7 @@ class GuestMemory:
     @property
     def guest_address(self) -> int: ...
     @property
-    def kind(self) -> Literal["anonymous", "shmem", "hugetlb", "external"]: ...
+    def kind(self) -> Literal["anonymous", "shmem", "hugetlb", "external", "remote"]: ...
     def guest_address_of(self, host_address: int) -> int | None:
         """The guest address of a host address inside this memory, or None."""
     def host_address_of(self, guest_address: int) -> int | None:
@@ -205,6 +221,7 @@ class Handler:
         mode: Literal["missing", "minor"] = "missing",
         prefetch: bool = True,
         poison_journal: str | PathLike[str] | None = None,
+        uffd: int | None = None,
     ) -> Self: ...
     def start(self) -> None:
         """Starts the native event loop; returns at once."""

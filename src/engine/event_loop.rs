@@ -15,7 +15,6 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 use super::{Mode, Region, Shared, Stats};
 use crate::error::{Error, Result};
-use crate::memory::MemoryKind;
 use crate::pagestate::PageState;
 use crate::source::PageData;
 use crate::sys::{UffdEvent, UffdMsg, UFFD_PAGEFAULT_FLAG_MINOR};
@@ -334,7 +333,7 @@ impl<'a> EventLoop<'a> {
                         }
                         other => other,
                     }
-                } else if region.memory.kind() == MemoryKind::Hugetlb {
+                } else if region.memory.is_hugetlb() {
                     sh.uffd.copy(host, sh.zero_page.as_ptr() as u64, ps, true)
                 } else {
                     sh.uffd.zeropage(host, ps, true)
@@ -416,7 +415,7 @@ impl<'a> EventLoop<'a> {
         let region = &sh.regions[region_index];
         let ps = region.page_size;
         let minor_mode = sh.config.mode == Mode::Minor;
-        let hugetlb = region.memory.kind() == MemoryKind::Hugetlb;
+        let hugetlb = region.memory.is_hugetlb();
         let end = first + count;
         let mut i = first;
         let release = |from: usize| {

@@ -284,6 +284,36 @@ impl Handler {
         config: HandlerConfig,
         journal: Option<&Path>,
     ) -> Result<Self> {
+        Self::with_uffd(memories, source, poison, config, journal, None)
+    }
+
+    /// As [`with_journal`](Self::with_journal), serving through `uffd` when given: a userfaultfd
+    /// created and registered by another program (a VMM such as Firecracker) over `memories`,
+    /// which are then usually [`GuestMemory::remote`]. Nothing is registered or advised: the
+    /// owner did that; known poison is installed on it (UFFDIO_POISON works on a uffd whose
+    /// handshake did not ask for the POISON feature). MISSING mode only.
+    pub fn with_uffd(
+        memories: Vec<Arc<GuestMemory>>,
+        source: Arc<dyn PageSource>,
+        poison: &PoisonSet,
+        config: HandlerConfig,
+        journal: Option<&Path>,
+        uffd: Option<Uffd>,
+    ) -> Result<Self> {
+        if uffd.is_some() && config.mode != Mode::Missing {
+            return Err(Error::Config(
+                "a handed-over userfaultfd is served in mode \"missing\" only".into(),
+            ));
+        }
+        if uffd.is_none() {
+            if let Some(m) = memories.iter().find(|m| m.remote_pid().is_some()) {
+                return Err(Error::Config(format!(
+                    "guest memory of process {} can only be served through the userfaultfd that \
+                     process registered it with (pass uffd=)",
+                    m.remote_pid().unwrap_or(0)
+                )));
+            }
+        }
         let (journal, journaled, journal_warning) = match journal {
             Some(path) => {
                 let (j, set, torn) = Journal::open(path, poison.page_size())?;
@@ -354,7 +384,7 @@ impl Handler {
                 )));
             }
         }
-        let result = Self::register(&memories, source, poison, config);
+        let result = Self::register(&memories, source, poison, config, uffd);
         if result.is_err() {
             memories.iter().for_each(|m| m.release());
         }
@@ -380,13 +410,18 @@ impl Handler {
         source: Arc<dyn PageSource>,
         poison: &PoisonSet,
         config: HandlerConfig,
+        external: Option<Uffd>,
     ) -> Result<Self> {
         let wanted = sys::UFFD_FEATURE_EVENT_REMOVE
             | sys::UFFD_FEATURE_EVENT_UNMAP
             | sys::UFFD_FEATURE_EVENT_REMAP
             | sys::UFFD_FEATURE_POISON
             | sys::UFFD_FEATURE_THREAD_ID;
-        let uffd = Uffd::new(required_features(memories, config.mode), wanted)?;
+        let handed_over = external.is_some();
+        let uffd = match external {
+            Some(uffd) => uffd,
+            None => Uffd::new(required_features(memories, config.mode), wanted)?,
+        };
         let reg_mode = match config.mode {
             Mode::Missing => sys::UFFDIO_REGISTER_MODE_MISSING,
             Mode::Minor => sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR,
@@ -395,6 +430,21 @@ impl Handler {
         let mut max_page = 0;
         for m in memories {
             let runs = poison_runs(m, poison);
+            if handed_over {
+                // Registered by its owner; its pages have never been served, so known poison
+                // goes straight onto missing pages.
+                let region = Region {
+                    memory: m.clone(),
+                    states: PageStates::new(m.pages()),
+                    start: m.address(),
+                    end: m.address() + m.size(),
+                    page_size: m.page_size(),
+                };
+                Self::install_poison(&uffd, &region, &runs)?;
+                max_page = max_page.max(if m.is_hugetlb() { m.page_size() } else { 0 });
+                regions.push(region);
+                continue;
+            }
             if m.kind() != MemoryKind::Hugetlb {
                 // Transparent huge pages would make a 4 KiB fault map 2 MiB at once.
                 let _ = m.advise(0, m.size(), MmapAdvise::MADV_NOHUGEPAGE);
@@ -750,7 +800,9 @@ impl Handler {
         for _attempt in 0..100 {
             // Dropping a page that has none is cheap; dropping always keeps this simple and
             // also clears a page cache filled behind our back (MINOR mode).
-            memory.drop_pages(offset, ps)?;
+            if memory.remote_pid().is_none() {
+                memory.drop_pages(offset, ps)?;
+            }
             loop {
                 match self.shared.uffd.poison(host, ps, true) {
                     Ok(()) => {
@@ -780,6 +832,15 @@ impl Handler {
                 .is_err()
             {
                 return Ok(());
+            }
+            if let Some(pid) = memory.remote_pid() {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "guest page {:#x} is present in process {pid} and cannot be dropped from here",
+                        region.guest_address_of_page(i)
+                    ),
+                    detail: "it is recorded as poisoned and stays so on the next migration".into(),
+                });
             }
         }
         Err(Error::Config(format!(

@@ -195,7 +195,8 @@ impl Handler {
     /// Registers `memory` with a new userfaultfd and installs the known poison. Nothing is served
     /// until `start()`.
     #[new]
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
@@ -204,7 +205,17 @@ impl Handler {
         mode: &str,
         prefetch: bool,
         poison_journal: Option<PathBuf>,
+        uffd: Option<i32>,
     ) -> PyResult<Self> {
+        let uffd = match uffd {
+            None => None,
+            Some(raw) => {
+                let fd = crate::sys::dup_raw_fd(raw)
+                    .map_err(|e| Error::os(format!("uffd={raw}"), e))
+                    .py_err()?;
+                Some(crate::uffd::Uffd::from_fd(fd, 0).py_err()?)
+            }
+        };
         let memories = memories_of(memory)?;
         let source = source_of(source)?;
         let mode = Mode::parse(mode).py_err()?;
@@ -222,12 +233,13 @@ impl Handler {
         let config = HandlerConfig { mode, prefetch };
         let inner = py
             .detach(move || {
-                CoreHandler::with_journal(
+                CoreHandler::with_uffd(
                     memories,
                     source,
                     &poison,
                     config,
                     poison_journal.as_deref(),
+                    uffd,
                 )
             })
             .py_err()?;

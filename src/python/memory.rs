@@ -51,6 +51,32 @@ impl GuestMemory {
         })
     }
 
+    /// Memory of another process `pid` at its host address `address`: for serving a VMM (such
+    /// as Firecracker) that registered it with a userfaultfd and handed the uffd over (pass it as
+    /// `Handler(..., uffd=fd)`). `read()` works through process_vm_readv on `pid`; `touch()`
+    /// and local advice do not.
+    #[staticmethod]
+    #[pyo3(signature = (pid, address, size, page_size = 4096, guest_address = 0))]
+    fn remote(
+        pid: i32,
+        address: u64,
+        size: u64,
+        page_size: u64,
+        guest_address: u64,
+    ) -> PyResult<Self> {
+        Ok(Self {
+            inner: Arc::new(
+                CoreMemory::remote(pid, address, size, page_size, guest_address).py_err()?,
+            ),
+        })
+    }
+
+    /// The process whose memory this is (remote memory), else None.
+    #[getter]
+    fn pid(&self) -> Option<i32> {
+        self.inner.remote_pid()
+    }
+
     /// Host virtual address of the first byte (local to this process).
     #[getter]
     fn address(&self) -> u64 {

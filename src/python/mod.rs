@@ -2,6 +2,7 @@
 //! around everything that can block or touch guest memory. No unsafe code here.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod error;
 mod handler;
 mod memory;
@@ -84,6 +85,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handler::Handler>()?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
+    bench::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -368,6 +368,18 @@ pub fn sys_userfaultfd(flags: i32) -> Result<i32, Errno> {
     }
 }
 
+/// Duplicates descriptor `raw` (close-on-exec) into one we own: the way a uffd handed over by
+/// another program (SCM_RIGHTS, a Python int) enters pagewarden. An invalid `raw` is EBADF.
+pub fn dup_raw_fd(raw: i32) -> Result<std::os::fd::OwnedFd, Errno> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads the descriptor table; a bad descriptor is EBADF.
+    let new = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(own_fd(new))
+    }
+}
+
 /// Takes ownership of a descriptor returned by [`ioctl_userfaultfd_new`] or [`sys_userfaultfd`].
 pub fn own_fd(raw: i32) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd;

@@ -1,0 +1,216 @@
+"""pagewarden as Firecracker's page-fault handler, against a test double of Firecracker
+(tests/firecracker_double.py) that runs as its own process with its own uffd."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HUGE_PAGE, PAGE, make_image
+
+import pagewarden as pw
+from pagewarden import firecracker
+
+DOUBLE = Path(__file__).with_name("firecracker_double.py")
+
+
+class Served:
+    """``firecracker.serve`` on a thread, so the test can run the double meanwhile."""
+
+    def __init__(self, socket_path: Path, memfile: Path, **kwargs: Any) -> None:
+        self.ready = threading.Event()
+        self.result: firecracker.ServeResult | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.result = firecracker.serve(
+                    socket_path, memfile, on_ready=self.ready.set, accept_timeout=60, **kwargs
+                )
+            except BaseException as e:  # noqa: BLE001 - inspected by the test
+                self.error = e
+            finally:
+                self.ready.set()
+
+        self.thread = threading.Thread(target=run, name="serve")
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    def join(self) -> None:
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "serve() did not return after the peer exited"
+
+
+def run_double(socket_path: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DOUBLE), str(socket_path), str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+@pytest.mark.parametrize("page_size", [PAGE, pytest.param(HUGE_PAGE, marks=pytest.mark.hugetlb)])
+def test_restore_with_poison_and_balloon(uffd: None, tmp_path: Path, page_size: int) -> None:
+    sizes = [6, 3] if page_size == HUGE_PAGE else [64, 32]
+    total = sum(sizes) * page_size
+    image = make_image(total, seed=41)
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(image)
+    # Poison in both regions, including the first page of the second one.
+    poisoned = [2 * page_size, sizes[0] * page_size, (sizes[0] + 2) * page_size]
+    clean_balloon = 4 * page_size
+    balloon = [clean_balloon, poisoned[0]]
+    sock = tmp_path / "uffd.sock"
+    served = Served(sock, memfile, poison=pw.PoisonSet(poisoned, page_size=page_size))
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    out = tmp_path / "report.json"
+    done = run_double(
+        sock,
+        out,
+        "--page-size",
+        str(page_size),
+        "--sizes",
+        ",".join(map(str, sizes)),
+        "--balloon",
+        ",".join(map(str, balloon)),
+    )
+    assert done.returncode == 0, done.stderr
+    served.join()
+    assert served.error is None, served.error
+    result = served.result
+    assert result is not None
+    assert [r.size for r in result.regions] == [n * page_size for n in sizes]
+    assert result.peer.pid > 0
+
+    report = json.loads(out.read_text())
+    offset = 0
+    for region, n in zip(report["regions"], sizes, strict=True):
+        checksums = {int(k): v for k, v in region["checksums"].items()}
+        sigbus = {g: (host_offset, code) for g, host_offset, code in region["sigbus"]}
+        for gpa in range(offset, offset + n * page_size, page_size):
+            if gpa in poisoned:
+                assert gpa in sigbus, f"poisoned page {gpa:#x} did not SIGBUS"
+                assert sigbus[gpa][0] == gpa - offset, "SIGBUS at the wrong address"
+                assert sigbus[gpa][1] in (2, 4)
+            else:
+                assert checksums[gpa] == pw.page_checksum(image[gpa : gpa + page_size]), (
+                    f"page {gpa:#x} has wrong bytes"
+                )
+        offset += n * page_size
+    after = report["balloon"]
+    assert after[str(clean_balloon)]["checksum"] == pw.page_checksum(bytes(page_size))
+    assert after[str(poisoned[0])]["checksum"] is None
+    assert len(after[str(poisoned[0])]["sigbus"]) == 1
+    assert result.stats["remove_events"] >= 1
+    assert result.poison is not None and sorted(result.poison) == poisoned
+
+
+@pytest.mark.parametrize(
+    ("handshake", "needle"),
+    [
+        ("bad-json", "not valid JSON"),
+        ("no-fd", "exactly one descriptor"),
+        ("two-fds", "exactly one descriptor"),
+        ("overlap", "overlap in file offsets"),
+        ("past-file", "past the end of the memory file"),
+        ("page-size", "page size 8192 is not supported"),
+    ],
+)
+def test_malformed_handshakes_are_refused(
+    uffd: None, tmp_path: Path, handshake: str, needle: str
+) -> None:
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(bytes(16 * PAGE))
+    sock = tmp_path / "uffd.sock"
+    served = Served(sock, memfile)
+    done = run_double(
+        sock,
+        tmp_path / "out.json",
+        "--sizes",
+        "8,8",
+        "--handshake",
+        handshake,
+        "--memfile-size",
+        str(16 * PAGE),
+    )
+    served.join()
+    assert done.returncode == 0, done.stderr
+    assert isinstance(served.error, pw.ProtocolError), served.error
+    assert needle in str(served.error)
+    assert not sock.exists(), "the socket was left behind"
+
+
+def test_parse_regions_messages() -> None:
+    ok = [{"base_host_virt_addr": 0x10000, "size": 0x2000, "offset": 0, "page_size_kib": 4096}]
+    regions = firecracker.parse_regions(json.dumps(ok).encode(), 0x2000)
+    assert regions == [firecracker.GuestRegionMapping(0x10000, 0x2000, 0, 4096)]
+    # Neither page-size field: 4 KiB.
+    legacy = [{"base_host_virt_addr": 0x10000, "size": 0x2000, "offset": 0}]
+    assert firecracker.parse_regions(json.dumps(legacy).encode(), 0x2000)[0].page_size == 4096
+    cases: list[tuple[Any, str]] = [
+        ({}, "expected a JSON array"),
+        ([], "empty"),
+        ([{"size": 4096, "offset": 0}], "region 0: field `base_host_virt_addr` is missing"),
+        ([{**ok[0], "size": "big"}], "region 0: field `size` must be a non-negative integer"),
+        ([{**ok[0], "base_host_virt_addr": 0x10001}], "not aligned"),
+        ([{**ok[0], "page_size": 2 << 20}], "disagree"),
+        ([ok[0], {**ok[0], "offset": 0x2000, "page_size_kib": 2 << 20}], "not aligned"),
+        ([ok[0], {**ok[0], "offset": 0x1000}], "overlap in host addresses"),
+        ([{**ok[0], "size": 0}], "size is 0"),
+    ]
+    for payload, needle in cases:
+        with pytest.raises(pw.ProtocolError, match=needle.replace("(", r"\(")):
+            firecracker.parse_regions(json.dumps(payload).encode(), 1 << 30)
+    with pytest.raises(pw.ProtocolError, match="UTF-8"):
+        firecracker.parse_regions(b"\xff\xfe", 1 << 20)
+
+
+def test_cli_serves_the_double(uffd: None, tmp_path: Path) -> None:
+    image = make_image(24 * PAGE, seed=42)
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(image)
+    poison_file = tmp_path / "poison.txt"
+    poison_file.write_text(f"{5 * PAGE:#x}\n")
+    sock = tmp_path / "uffd.sock"
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pagewarden",
+            "firecracker",
+            str(sock),
+            str(memfile),
+            "--poison",
+            str(poison_file),
+            "--accept-timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert cli.stdout is not None
+    assert cli.stdout.readline().strip() == f"listening on {sock}"
+    out = tmp_path / "report.json"
+    done = run_double(sock, out, "--sizes", "16,8")
+    assert done.returncode == 0, done.stderr
+    stdout, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 0, stderr
+    assert "exited" in stdout and "Firecracker connected" in stderr
+    report = json.loads(out.read_text())
+    sigbus = [g for region in report["regions"] for g, _, _ in region["sigbus"]]
+    assert sigbus == [5 * PAGE]
+
+
+def test_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("precious")
+    with pytest.raises(pw.ConfigurationError, match="not a socket"):
+        firecracker.listen(path)
+    assert path.read_text() == "precious"
