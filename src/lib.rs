@@ -6,6 +6,7 @@ pub mod caps;
 pub mod engine;
 pub mod error;
 pub mod journal;
+pub mod kvm;
 pub mod memory;
 pub mod pagestate;
 pub mod poison;

@@ -439,6 +439,17 @@ impl GuestMemory {
     /// mapping and, for a memfd, punched out of the page cache too.
     pub fn drop_pages(&self, offset: u64, len: u64) -> Result<()> {
         self.advise(offset, len, MmapAdvise::MADV_DONTNEED)?;
+        if self.kind == MemoryKind::External {
+            // A shared mapping (shmem, hugetlbfs, a file) keeps its page cache under DONTNEED;
+            // MADV_REMOVE punches it out where the backing allows (private memory: EINVAL).
+            match self
+                .mapping
+                .advise(offset as usize, len as usize, MmapAdvise::MADV_REMOVE)
+            {
+                Ok(()) | Err(Errno::EINVAL) | Err(Errno::EOPNOTSUPP) => {}
+                Err(e) => return Err(Error::os("madvise(MADV_REMOVE)", e)),
+            }
+        }
         if let Some(fd) = &self.memfd {
             fallocate(
                 fd,
@@ -449,6 +460,15 @@ impl GuestMemory {
             .map_err(|e| Error::os("fallocate(PUNCH_HOLE) of the guest memfd", e))?;
         }
         Ok(())
+    }
+
+    /// Base pages of `[offset, offset + len)` still resident (page cache for shared mappings).
+    pub fn resident_pages(&self, offset: u64, len: u64) -> Result<u64> {
+        self.local_only("mincore")?;
+        self.mapping
+            .resident_pages(offset as usize, len as usize)
+            .map(|n| n as u64)
+            .map_err(|e| Error::os("mincore", e))
     }
 
     fn alias(&self) -> Result<&Mapping> {

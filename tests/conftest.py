@@ -13,11 +13,15 @@ import ctypes
 import functools
 import os
 import random
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
 
 import pytest
 
 import pagewarden as pw
+
+Mode = Literal["missing", "minor"]
 
 PAGE = 4096
 HUGE_PAGE = 2 << 20
@@ -183,3 +187,39 @@ def madvise(address: int, length: int, advice: int) -> None:
     if _libc.madvise(address, length, advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"madvise({address:#x}, {length:#x}, {advice}): {os.strerror(err)}")
+
+
+#: How long a helper waits for state that trails a wake-up (a hang detector, not a speed test).
+SETTLE_LIMIT = 10.0
+
+
+def settled_stats(
+    h: pw.Handler, check: Callable[[dict[str, Any]], None], limit: float = SETTLE_LIMIT
+) -> dict[str, Any]:
+    """Handler.stats() once ``check`` (which asserts) passes on it.
+
+    The handler updates a counter just after the ioctl that wakes the faulting thread, so a
+    check made right after a touch may run ahead of it. A wrong count stays wrong: ``check``'s
+    last AssertionError is raised after ``limit`` seconds.
+    """
+    deadline = time.monotonic() + limit
+    while True:
+        stats = h.stats()
+        try:
+            check(stats)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.002)
+        else:
+            return stats
+
+
+def wait_for_state(h: pw.Handler, gpa: int, state: str, limit: float = SETTLE_LIMIT) -> bool:
+    """Polls page_state until it is ``state`` (a state change may trail the wake-up)."""
+    deadline = time.monotonic() + limit
+    while h.page_state(gpa) != state:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
     HUGE_PAGE,
     MiB,
+    Mode,
     make_image,
     make_memory,
     pages_of,
     pick_poison,
+    settled_stats,
     verify,
 )
 
@@ -49,7 +52,7 @@ def make_source(kind: str, image: bytes, tmp_path: Path) -> pw.FileSource | pw.M
 @pytest.mark.parametrize("prefetch", [False, True], ids=["noprefetch", "prefetch"])
 @pytest.mark.parametrize(("kind", "mode"), VALID_MODES)
 def test_serve_matrix(
-    kind: str, mode: str, prefetch: bool, source_kind: str, tmp_path: Path
+    kind: str, mode: Mode, prefetch: bool, source_kind: str, tmp_path: Path
 ) -> None:
     size = size_of(kind)
     seed = zlib.crc32(f"{kind}-{mode}-{prefetch}-{source_kind}".encode()) & 0xFFFF
@@ -79,22 +82,25 @@ def test_serve_matrix(
             assert h.page_state(gpa) == "poisoned"
         good = [gpa for gpa in pages_of(mem) if gpa not in poison]
         assert good and all(h.page_state(gpa) == "present" for gpa in good)
-        stats = h.stats()
-        assert stats["pages_total"] == size // ps
-        assert stats["pages_resolved"] == stats["pages_total"]
-        assert stats["pages_missing"] == 0
-        assert stats["pages_poisoned"] >= len(poison)
-        assert stats["pages_copied"] == stats["pages_total"] - len(poison)
-        if not prefetch:
-            assert stats["pages_prefetched"] == 0
-            assert stats["faults"] >= stats["pages_total"] - len(poison)
+
+        def settled(stats: dict[str, Any]) -> None:
+            assert stats["pages_total"] == size // ps
+            assert stats["pages_resolved"] == stats["pages_total"]
+            assert stats["pages_missing"] == 0
+            assert stats["pages_poisoned"] >= len(poison)
+            assert stats["pages_copied"] == stats["pages_total"] - len(poison)
+            if not prefetch:
+                assert stats["pages_prefetched"] == 0
+                assert stats["faults"] >= stats["pages_total"] - len(poison)
+
+        settled_stats(h, settled)
     assert not h.running
 
 
 @pytest.mark.parametrize(
     ("kind", "mode"), [("anon", "missing"), ("shmem", "missing"), ("shmem", "minor")]
 )
-def test_touch_via_kernel(kind: str, mode: str) -> None:
+def test_touch_via_kernel(kind: str, mode: Mode) -> None:
     """process_vm_readv (how KVM and vhost reach guest memory) gets EFAULT on poison."""
     size = 2 * MiB
     image = make_image(size, 7)
@@ -139,7 +145,7 @@ ZERO_KINDS = [
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["noprefetch", "prefetch"])
 @pytest.mark.parametrize(("kind", "mode"), ZERO_KINDS)
-def test_zero_source(kind: str, mode: str, prefetch: bool) -> None:
+def test_zero_source(kind: str, mode: Mode, prefetch: bool) -> None:
     size = 8 * MiB if kind == "hugetlb" else 1 * MiB
     mem = make_memory(kind, size)
     poison = pw.PoisonSet([pages_of(mem)[1]], page_size=mem.page_size)
@@ -150,10 +156,13 @@ def test_zero_source(kind: str, mode: str, prefetch: bool) -> None:
         verify(mem, result, None, list(poison))
         zero = pw.page_checksum(bytes(mem.page_size))
         assert set(result.checksums.values()) == {zero}
-        stats = h.stats()
-        assert stats["pages_zeroed"] > 0
-        assert stats["pages_zeroed"] == stats["pages_total"] - 1
-        assert stats["pages_copied"] == 0
+
+        def zeroed(stats: dict[str, Any]) -> None:
+            assert stats["pages_zeroed"] > 0
+            assert stats["pages_zeroed"] == stats["pages_total"] - 1
+            assert stats["pages_copied"] == 0
+
+        settled_stats(h, zeroed)
         assert mem.read(0, 64) == bytes(64)
 
 
@@ -170,8 +179,29 @@ def test_small_page_poison_on_hugetlb_poisons_the_huge_page() -> None:
         result = mem.touch(order="random", seed=2)
         verify(mem, result, image, [HUGE_PAGE])
         assert h.page_state(HUGE_PAGE) == "poisoned"
+        # poison_set() keeps the initial set as given (the hardware poison was one small page).
         found = h.poison_set()
-        assert found.page_size == 4096
-        assert len(found) == HUGE_PAGE // 4096
-        assert found.ranges() == [(HUGE_PAGE, HUGE_PAGE)]
+        assert found == small
         assert found.with_page_size(HUGE_PAGE) == pw.PoisonSet([HUGE_PAGE], page_size=HUGE_PAGE)
+
+
+def test_touch_pages_accepts_any_iterable() -> None:
+    """The stub declares ``touch(pages: Iterable[int] | None)``."""
+    size = 0x10000
+    image = make_image(size, 23)
+    mem = make_memory("anon", size)
+    poison = pw.PoisonSet([0x2000])
+    want = [0x1000, 0x2000, 0x3000]
+    with pw.Handler(mem, pw.MemorySource(image), poison=poison, prefetch=False) as h:
+        h.start()
+        for pages in (
+            tuple(want),
+            range(0x1000, 0x4000, 0x1000),
+            set(want),
+            iter(want),
+            (g for g in want),
+            poison,
+        ):
+            result = mem.touch(pages=pages)
+            touched = [0x2000] if pages is poison else want
+            verify(mem, result, image, [0x2000], touched=touched)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
-from conftest import MiB, make_image, make_memory, pages_of, pick_poison, verify
+from conftest import (
+    MiB,
+    Mode,
+    make_image,
+    make_memory,
+    pages_of,
+    pick_poison,
+    settled_stats,
+    verify,
+)
 
 import pagewarden as pw
 
@@ -43,7 +53,7 @@ class Background:
     def _run(self) -> None:
         try:
             self.result = self._fn()
-        except BaseException as e:  # handed to the test thread
+        except BaseException as e:  # noqa: BLE001 (handed to the test thread)
             self.error = e
 
     def join(self) -> object:
@@ -65,7 +75,7 @@ def size_of(kind: str) -> int:
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["noprefetch", "prefetch"])
 @pytest.mark.parametrize(("kind", "mode"), KIND_MODES)
-def test_concurrent_touches_while_prefetching(kind: str, mode: str, prefetch: bool) -> None:
+def test_concurrent_touches_while_prefetching(kind: str, mode: Mode, prefetch: bool) -> None:
     size = size_of(kind)
     for round_ in range(3):
         seed = 100 * round_ + 1
@@ -76,9 +86,11 @@ def test_concurrent_touches_while_prefetching(kind: str, mode: str, prefetch: bo
         source = pw.MemorySource(image)
         with pw.Handler(mem, source, poison=poison, mode=mode, prefetch=prefetch) as h:
             h.start()
-            loads = Background(lambda: mem.touch(threads=2, order="random", seed=seed + 1))
+            loads = Background(
+                functools.partial(mem.touch, threads=2, order="random", seed=seed + 1)
+            )
             kernel = Background(
-                lambda: mem.touch(threads=1, order="random", via="kernel", seed=seed + 2)
+                functools.partial(mem.touch, threads=1, order="random", via="kernel", seed=seed + 2)
             )
             main = mem.touch(threads=2, order="random", seed=seed + 3)
             verify(mem, main, image, poisoned)
@@ -87,9 +99,12 @@ def test_concurrent_touches_while_prefetching(kind: str, mode: str, prefetch: bo
             assert h.wait(timeout=30) is True
             h.check()
             assert h.poison_set() == poison
-            stats = h.stats()
-            assert stats["pages_resolved"] == stats["pages_total"]
-            assert stats["pages_copied"] == stats["pages_total"] - len(poisoned)
+
+            def settled(stats: dict[str, Any], n_poisoned: int = len(poisoned)) -> None:
+                assert stats["pages_resolved"] == stats["pages_total"]
+                assert stats["pages_copied"] == stats["pages_total"] - n_poisoned
+
+            settled_stats(h, settled)
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["noprefetch", "prefetch"])
@@ -105,7 +120,7 @@ def test_many_threads_same_pages(prefetch: bool) -> None:
         h.start()
         # Each thread gets the whole list: the same pages faulted from many threads at once.
         others = [
-            Background(lambda s=s: mem.touch(pages=hot * 8, threads=8, order="random", seed=s))
+            Background(functools.partial(mem.touch, hot * 8, threads=8, order="random", seed=s))
             for s in (1, 2)
         ]
         reads = Background(lambda: [mem.read(gpa, 4096) for gpa in hot if gpa not in poisoned])
@@ -131,7 +146,8 @@ def test_read_from_python_thread_without_prefetch() -> None:
         assert typed(reader.join(), bytes) == image[0x4800:0x7800]
         # And again from several Python threads at once.
         readers = [
-            Background(lambda g=g: mem.read(g, 0x2000)) for g in range(0x10000, 0x20000, 0x1000)
+            Background(functools.partial(mem.read, g, 0x2000))
+            for g in range(0x10000, 0x20000, 0x1000)
         ]
         for gpa, r in zip(range(0x10000, 0x20000, 0x1000), readers, strict=True):
             assert typed(r.join(), bytes) == image[gpa : gpa + 0x2000]
@@ -143,9 +159,11 @@ def test_read_while_python_thread_spins() -> None:
     image = make_image(size, 13)
     mem = make_memory("shmem", size)
     stop = threading.Event()
+    started = threading.Event()
     spins = [0]
 
     def spin() -> int:
+        started.set()
         while not stop.is_set():
             spins[0] += 1
         return spins[0]
@@ -153,6 +171,7 @@ def test_read_while_python_thread_spins() -> None:
     with pw.Handler(mem, pw.MemorySource(image), prefetch=False) as h:
         h.start()
         spinner = Background(spin)
+        assert started.wait(JOIN_TIMEOUT)
         try:
             for gpa in range(0, size - 0x2000, 0x11000):
                 assert mem.read(gpa, 0x1800) == image[gpa : gpa + 0x1800]
@@ -172,14 +191,17 @@ def test_plain_load_holding_the_gil(kind: str) -> None:
     image = make_image(size, 17)
     mem = make_memory(kind, size)
     stop = threading.Event()
+    started = threading.Event()
 
     def spin() -> None:
+        started.set()
         while not stop.is_set():
             pass
 
     with pw.Handler(mem, pw.MemorySource(image), prefetch=False) as h:
         h.start()
         spinner = Background(spin)
+        assert started.wait(JOIN_TIMEOUT)
         try:
             for gpa in (0x0, 0x3000, size - 0x1000):
                 assert h.page_state(gpa) == "missing"
@@ -197,7 +219,9 @@ def test_wait_in_python_thread_while_main_touches() -> None:
     image = make_image(size, 19)
     mem = make_memory("anon", size)
     poisoned = pick_poison(mem, 19)
-    with pw.Handler(mem, pw.MemorySource(image), poison=pw.PoisonSet(poisoned), prefetch=False) as h:
+    with pw.Handler(
+        mem, pw.MemorySource(image), poison=pw.PoisonSet(poisoned), prefetch=False
+    ) as h:
         h.start()
         waiter = Background(lambda: h.wait(timeout=50))
         stats_reader = Background(lambda: [h.stats()["faults"] for _ in range(200)])

@@ -1,6 +1,6 @@
 """Type stubs for pagewarden's native core (``pagewarden._native``)."""
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +30,7 @@ __all__ = [
     "ZeroSource",
     "__version__",
     "capabilities",
+    "kvm_check",
     "page_checksum",
 ]
 
@@ -74,12 +75,22 @@ def capabilities() -> dict[str, Any]:
 def page_checksum(data: bytes) -> int:
     """The checksum ``GuestMemory.touch`` reports for a page with these bytes."""
 
+def kvm_check(
+    pages: int = 32, poisoned: Sequence[int] | None = None, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Runs a real vCPU over guest memory a Handler serves with poisoned pages; the report."""
+
 # Benchmark helpers (private; used by ``pagewarden bench`` and ``benches/``).
 def _bench_touch(memory: GuestMemory, threads: int = 1) -> tuple[float, list[int], int]:
     """Touches every page once from native threads; (seconds, per-page ns, SIGBUS count)."""
 
 def _bench_poison_lookups(
-    poison: PoisonSet, span: int, count: int = 1048576, repeat: int = 8, seed: int = 1
+    poison: PoisonSet,
+    span: int,
+    count: int = 1048576,
+    repeat: int = 8,
+    seed: int = 1,
+    ascending: bool = False,
 ) -> tuple[int, int, float]:
     """Native membership lookups of random addresses in [0, span); (lookups, hits, seconds)."""
 

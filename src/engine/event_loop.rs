@@ -15,6 +15,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 
 use super::{Mode, Region, Shared, Stats};
 use crate::error::{Error, Result};
+use crate::memory::MemoryKind;
 use crate::pagestate::PageState;
 use crate::source::PageData;
 use crate::sys::{UffdEvent, UffdMsg, UFFD_PAGEFAULT_FLAG_MINOR};
@@ -82,6 +83,7 @@ pub(crate) fn run(shared: &Shared) {
         }
     }
     shared.fence_missing();
+    shared.unregister_all();
     shared.notify();
 }
 
@@ -639,8 +641,24 @@ impl<'a> EventLoop<'a> {
             }
             let first = ((lo - region.start) / region.page_size) as usize;
             let last = ((hi - region.start).div_ceil(region.page_size)) as usize;
+            // The event does not say which advice raised it. On private memory any removal
+            // discards the page. On shared memory (shmem, hugetlbfs) MADV_DONTNEED keeps the
+            // contents ("repopulated from the underlying file") and only MADV_REMOVE discards
+            // them; for a page never brought in both leave the same hole. Serving the source's
+            // bytes there is right after DONTNEED and harmless after REMOVE (a discarded page's
+            // contents are garbage to the guest), while zeros after DONTNEED would lose data.
+            let shared = matches!(
+                region.memory.kind(),
+                MemoryKind::Shmem | MemoryKind::Hugetlb
+            );
             for i in first..last.min(region.states.len()) {
-                let _ = region.states.transition(i, PageState::Removed);
+                if shared {
+                    region
+                        .states
+                        .transition_from(i, PageState::Present, PageState::Removed);
+                } else {
+                    let _ = region.states.transition(i, PageState::Removed);
+                }
             }
         }
     }

@@ -99,11 +99,29 @@ pub(crate) struct Shared {
     pub(crate) zero_page: Vec<u8>,
     /// The poison the handler was given, kept as given (page size and all).
     initial_poison: PoisonSet,
+    /// The uffd was handed over by its owner (who registered the memory); never unregistered.
+    handed_over: bool,
     status: Mutex<Status>,
     cond: Condvar,
 }
 
 impl Shared {
+    /// Ends the registration (after [`fence_missing`](Self::fence_missing)): markers stay and
+    /// keep raising SIGBUS, nothing is missing any more, and a later MADV_DONTNEED no longer
+    /// queues an event that nobody would read (its caller would wait forever). Then reads what
+    /// is still queued, which releases any thread waiting for its event to be read.
+    pub(crate) fn unregister_all(&self) {
+        if !self.handed_over {
+            for region in &self.regions {
+                let _ = self
+                    .uffd
+                    .unregister(region.start, region.end - region.start);
+            }
+        }
+        let mut messages = [sys::UffdMsg::default(); 64];
+        while matches!(self.uffd.read_messages(&mut messages), Ok(n) if n > 0) {}
+    }
+
     fn status(&self) -> MutexGuard<'_, Status> {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -449,10 +467,18 @@ impl Handler {
                 // Transparent huge pages would make a 4 KiB fault map 2 MiB at once.
                 let _ = m.advise(0, m.size(), MmapAdvise::MADV_NOHUGEPAGE);
             }
-            // Drop known-poisoned pages before registering: afterwards a DONTNEED would raise a
-            // REMOVE event that only the (not yet running) event loop could read.
-            for &(first, count) in &runs {
-                m.drop_pages(first as u64 * m.page_size(), count as u64 * m.page_size())?;
+            // Drop whatever the memory held before registering, so that every page is served
+            // from the source (a page already present never faults, and would keep stale bytes)
+            // and every poisoned page can take its marker. Done before registering because
+            // afterwards a DONTNEED raises a REMOVE event that only the running loop can read.
+            m.drop_pages(0, m.size())?;
+            if m.kind() == MemoryKind::External && m.resident_pages(0, m.size())? > 0 {
+                return Err(Error::Config(format!(
+                    "guest memory at host address {:#x} still holds pages after they were \
+                     dropped (a shared file mapping whose page cache cannot be punched?): \
+                     pagewarden could not serve those pages from the source",
+                    m.address()
+                )));
             }
             if config.mode == Mode::Minor {
                 m.prepare_alias()?;
@@ -517,6 +543,7 @@ impl Handler {
             stop_event,
             zero_page: vec![0u8; max_page as usize],
             initial_poison: poison.clone(),
+            handed_over,
             status: Mutex::new(Status::default()),
             cond: Condvar::new(),
         };
@@ -905,6 +932,7 @@ impl Handler {
             let _ = thread.join();
         }
         self.shared.fence_missing();
+        self.shared.unregister_all();
         for r in &self.shared.regions {
             r.memory.release();
         }

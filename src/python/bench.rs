@@ -98,10 +98,11 @@ fn _bench_touch(
 }
 
 /// Membership lookups in a native loop: `count` page-aligned guest addresses drawn uniformly
-/// (seeded) from `[0, span)` are each looked up `repeat` times. The addresses are generated
-/// before the clock starts. Runs with the GIL released. Returns (lookups, hits, seconds).
+/// (seeded) from `[0, span)`, in ascending order if `ascending` (as a sequential scan or a
+/// prefetcher asks), are each looked up `repeat` times. The addresses are generated before the
+/// clock starts. Runs with the GIL released. Returns (lookups, hits, seconds).
 #[pyfunction]
-#[pyo3(signature = (poison, span, count = 1 << 20, repeat = 8, seed = 1))]
+#[pyo3(signature = (poison, span, count = 1 << 20, repeat = 8, seed = 1, ascending = false))]
 fn _bench_poison_lookups(
     py: Python<'_>,
     poison: &PoisonSet,
@@ -109,6 +110,7 @@ fn _bench_poison_lookups(
     count: usize,
     repeat: usize,
     seed: u64,
+    ascending: bool,
 ) -> PyResult<(u64, u64, f64)> {
     let set = poison.get().clone();
     let page_size = set.page_size();
@@ -121,9 +123,12 @@ fn _bench_poison_lookups(
     let pages = span / page_size;
     Ok(py.detach(move || {
         let mut state = seed;
-        let addresses: Vec<u64> = (0..count)
+        let mut addresses: Vec<u64> = (0..count)
             .map(|_| (splitmix(&mut state) % pages) * page_size)
             .collect();
+        if ascending {
+            addresses.sort_unstable();
+        }
         let started = Instant::now();
         let mut hits = 0u64;
         for _ in 0..repeat {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pyo3::buffer::PyBuffer;
+use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -64,7 +64,19 @@ impl MemorySource {
     /// Wraps `buffer`; raises ConfigurationError if it is not C-contiguous.
     #[new]
     fn new(buffer: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let view = PyBuffer::<u8>::get(buffer)?;
+        // Any item format (bytes, array('Q'), ctypes arrays, numpy): pages are bytes to us.
+        let view = match PyUntypedBuffer::get(buffer) {
+            Ok(view) => view,
+            // Some exporters (ctypes) give no strides; a byte-format memoryview over them does.
+            Err(_) => {
+                let builtins = buffer.py().import("builtins")?;
+                let bytes_view = builtins
+                    .getattr("memoryview")?
+                    .call1((buffer,))?
+                    .call_method1("cast", ("B",))?;
+                PyUntypedBuffer::get(&bytes_view)?
+            }
+        };
         if !view.is_c_contiguous() {
             return Err(Error::Config(
                 "MemorySource needs a C-contiguous buffer".into(),

@@ -10,6 +10,27 @@ use super::error::IntoPy;
 use crate::memory::GuestMemory as CoreMemory;
 use crate::touch::{touch, PageOutcome, TouchOrder, TouchVia};
 
+/// Collects guest addresses from any iterable of ints (list, range, generator, set, ...).
+pub(crate) fn addresses_of(iterable: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    let mut out = Vec::new();
+    for item in iterable.try_iter()? {
+        let item = item?;
+        match item.extract::<u64>() {
+            Ok(v) => out.push(v),
+            Err(_) => {
+                return Err(crate::Error::GuestAddress(format!(
+                    "{} is not a guest address (a non-negative integer below 2**64)",
+                    item.repr()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|_| "?".into())
+                )))
+                .py_err()
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A range of guest addresses backed by a local mapping. Construct it with `anonymous`,
 /// `memfd` or `from_address`; hand it to a `Handler` to serve its pages.
 #[pyclass(frozen, module = "pagewarden._native")]
@@ -145,7 +166,7 @@ impl GuestMemory {
     fn touch(
         &self,
         py: Python<'_>,
-        pages: Option<Vec<u64>>,
+        pages: Option<&Bound<'_, PyAny>>,
         threads: usize,
         order: &str,
         via: &str,
@@ -162,6 +183,7 @@ impl GuestMemory {
             }
         };
         let via = TouchVia::parse(via).py_err()?;
+        let pages = pages.map(addresses_of).transpose()?;
         let memory = self.inner.clone();
         let report = py
             .detach(move || touch(&memory, pages, threads, order, via))

@@ -5,6 +5,7 @@
 mod bench;
 mod error;
 mod handler;
+mod kvm;
 mod memory;
 mod poison;
 
@@ -86,6 +87,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
     bench::register(m)?;
+    kvm::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

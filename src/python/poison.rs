@@ -39,10 +39,14 @@ impl PoisonSet {
     /// Creates a set from page-aligned guest addresses. Raises GuestAddressError for a misaligned
     /// address and ConfigurationError for a page size that is not a power of two >= 4096.
     #[new]
-    #[pyo3(signature = (guest_addresses = Vec::new(), page_size = 4096))]
-    fn new(guest_addresses: Vec<u64>, page_size: u64) -> PyResult<Self> {
+    #[pyo3(signature = (guest_addresses = None, page_size = 4096))]
+    fn new(guest_addresses: Option<&Bound<'_, PyAny>>, page_size: u64) -> PyResult<Self> {
+        let addresses = match guest_addresses {
+            Some(iterable) => super::memory::addresses_of(iterable)?,
+            None => Vec::new(),
+        };
         Ok(Self::wrap(
-            CorePoisonSet::from_addresses(guest_addresses, page_size).py_err()?,
+            CorePoisonSet::from_addresses(addresses, page_size).py_err()?,
         ))
     }
 
@@ -71,8 +75,11 @@ impl PoisonSet {
             .py_err()
     }
 
-    fn __contains__(&self, guest_address: u64) -> bool {
-        self.get().contains(guest_address)
+    fn __contains__(&self, guest_address: &Bound<'_, PyAny>) -> bool {
+        // Anything that is not a guest address (negative, too large, not an int) is not in it.
+        guest_address
+            .extract::<u64>()
+            .is_ok_and(|gpa| self.get().contains(gpa))
     }
 
     fn __len__(&self) -> usize {

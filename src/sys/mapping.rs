@@ -132,6 +132,20 @@ impl Mapping {
         unsafe { nix::sys::mman::madvise(NonNull::new(ptr).ok_or(Errno::EINVAL)?, len, advice) }
     }
 
+    /// How many base pages of `[offset, offset + len)` are resident (mincore): for a shared
+    /// mapping this is page-cache residency, whether mapped here or not.
+    pub fn resident_pages(&self, offset: usize, len: usize) -> Result<usize, Errno> {
+        let ptr = self.check(offset, len)?;
+        let pages = len.div_ceil(4096);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range lies inside this mapping and `vec` has one byte per 4 KiB page of it.
+        let rc = unsafe { libc::mincore(ptr, len, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(Errno::last());
+        }
+        Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
+    }
+
     /// Copies `len` bytes from `src_address` in this process to `[dst_offset, dst_offset + len)` of
     /// `dst`, through the kernel (process_vm_readv on ourselves). The kernel reads the source with
     /// copy_from_user, so a source page that is poisoned, truncated or unmapped fails with EFAULT

@@ -3,6 +3,7 @@
 //! the guest-like workload. Everything above this module is safe Rust.
 
 pub mod abi;
+pub mod kvm;
 pub mod mapping;
 pub mod probe;
 

@@ -1,0 +1,1554 @@
+"""``pagewarden bench``: pagewarden against a C handler, a pure-Python handler and the kernel floor.
+
+Every fault scenario is run by four contenders on the same workload, interleaved within each
+repetition (the order rotates), on a fresh registered region per run:
+
+- ``pagewarden``: a ``Handler`` (prefetch off), its native event loop resolving every fault;
+- ``C``: ``benches/c/uffd_baseline.c``, compiled with gcc into a temporary directory at the start
+  of the run: one thread, poll + read + ioctl per fault, in its own process;
+- ``Python``: ``benches/pure_python_handler.py``, one Python thread, ``os.read`` + ``fcntl.ioctl``;
+- ``floor``: the same touches with no userfaultfd at all (first-touch faults; for poison, the
+  SIGBUS of an already installed marker).
+
+The faulting threads are native in every case (``pagewarden._native._bench_touch``, or the C
+program's own identical loop): one 8-byte load per page, each timed. Reported figures are medians
+over the repetitions. The bulk figures (prefetch bandwidth, pre-poisoning, PoisonSet) are
+measured against kernel bounds taken by the C program in the same run.
+
+The C baseline and the pure-Python handler live in the repository's ``benches/`` directory; it is
+found next to the package (a source checkout or ``maturin develop``), in the current directory,
+or at ``$PAGEWARDEN_BENCHES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal, cast
+
+import pagewarden as pw
+from pagewarden import _native
+
+Kind = Literal["copy", "zero", "poison", "continue", "hugetlb"]
+Contender = Literal["pagewarden", "C", "Python", "floor", "C batched"]
+CONTENDERS: tuple[Contender, ...] = ("pagewarden", "C", "Python", "floor")
+BATCHED: Contender = "C batched"
+
+
+def contenders_for(threads: int) -> tuple[Contender, ...]:
+    """The contenders of a scenario: the batching experiment only where faults can batch."""
+    return (*CONTENDERS, BATCHED) if threads > 1 else CONTENDERS
+
+
+PAGE_4K = 4096
+PAGE_2M = 2 << 20
+MIB = 1 << 20
+GIB = 1 << 30
+MADV_DONTNEED = 4
+UFFD_THREAD_NAME = "pagewarden-uffd"
+
+KIND_TITLES: dict[Kind, str] = {
+    "copy": "UFFDIO_COPY 4K anon",
+    "zero": "ZEROPAGE 4K anon",
+    "poison": "POISON 4K (fault->SIGBUS)",
+    "continue": "CONTINUE 4K shmem MINOR",
+    "hugetlb": "COPY 2M hugetlb",
+}
+
+
+class BenchError(pw.PagewardenError):
+    """The benchmark cannot run here (a missing compiler, benches/ directory or dependency)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class Config:
+    """Sizes and repetitions of one run."""
+
+    quick: bool
+    repetitions: int
+    pages: int
+    huge_pages: int
+    busy_python_pages: int
+    busy_threads: int
+    prefetch_bytes: int
+    prepoison_pages: int
+    poisonset_pages: int
+    gil_timeout_s: float
+
+    @staticmethod
+    def make(quick: bool, repetitions: int | None = None) -> Config:
+        """The quick (under a minute) or full configuration."""
+        if quick:
+            return Config(True, repetitions or 3, 2048, 16, 48, 4, 64 * MIB, 1 << 18, 1 << 20, 3.0)
+        return Config(False, repetitions or 7, 8192, 32, 192, 4, 256 * MIB, 1 << 20, 1 << 20, 5.0)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fault workload: how faults are resolved, and how many threads fault."""
+
+    kind: Kind
+    threads: int
+
+    @property
+    def name(self) -> str:
+        """A short identifier, e.g. ``copy-1t``."""
+        return f"{self.kind}-{self.threads}t"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the handler thread and the faulting threads run. On this kind of machine (nested
+    virtualization) a wake-up across CPUs costs tens of µs and varies run to run, so every
+    contender is pinned the same way and the two shapes are reported separately."""
+
+    key: str
+    handler_cpu: int
+    toucher_cpu: int
+    title: str
+
+
+def placements() -> list[Placement]:
+    """``one-cpu`` (handler and faulting threads share a CPU: the software cost of a fault) and,
+    with two CPUs or more, ``two-cpus`` (the handler on its own CPU, as a deployment dedicates a
+    core to it: adds the cross-CPU wake-ups)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    out = [Placement("one-cpu", cpus[0], cpus[0], f"handler and faulting threads on CPU {cpus[0]}")]
+    if len(cpus) > 1:
+        out.append(
+            Placement(
+                "two-cpus",
+                cpus[1],
+                cpus[0],
+                f"handler on CPU {cpus[1]}, faulting threads on CPU {cpus[0]}",
+            )
+        )
+    return out
+
+
+@contextlib.contextmanager
+def pinned(cpu: int) -> Iterator[None]:
+    """Pins the calling thread to ``cpu`` meanwhile; threads it creates inherit the pinning."""
+    previous = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("copy", 1),
+    Scenario("copy", 2),
+    Scenario("zero", 1),
+    Scenario("zero", 2),
+    Scenario("poison", 1),
+    Scenario("continue", 1),
+    Scenario("hugetlb", 1),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class FaultRun:
+    """One contender's run of one scenario."""
+
+    contender: str
+    kind: str
+    threads: int
+    pages: int
+    page_size: int
+    elapsed_s: float
+    latencies_ns: list[int]
+    handler_cpu_ns: int | None
+    sigbus: int
+
+    @property
+    def rate(self) -> float:
+        """Faults (touched pages) per second of wall time."""
+        return self.pages / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def cpu_per_fault_ns(self) -> float | None:
+        """Handler CPU time per fault, in ns (None for the floor)."""
+        if self.handler_cpu_ns is None or not self.pages:
+            return None
+        return self.handler_cpu_ns / self.pages
+
+
+@dataclass
+class Summary:
+    """Medians over the repetitions of one contender on one scenario."""
+
+    contender: str
+    scenario: str
+    runs: int
+    rate: float
+    p50_us: float
+    p99_us: float
+    cpu_us_per_fault: float | None
+    rates: list[float] = field(default_factory=list)
+    histogram_log2_us: list[int] = field(default_factory=list)
+
+
+def percentile(sorted_values: Sequence[int], q: float) -> int:
+    """Nearest-rank quantile of already sorted values."""
+    if not sorted_values:
+        return 0
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def log2_histogram(latencies_ns: Sequence[int]) -> list[int]:
+    """Counts per [2^i, 2^(i+1)) µs bucket (bucket 0 also holds everything below 1 µs)."""
+    hist = [0] * 24
+    for ns in latencies_ns:
+        us = ns // 1000
+        hist[min(us.bit_length() - 1 if us > 0 else 0, 23)] += 1
+    return hist
+
+
+def summarize(runs: Sequence[FaultRun], scenario: str) -> Summary:
+    """Medians of rate, p50, p99 and CPU per fault over ``runs``."""
+    p50s, p99s, cpus = [], [], []
+    hist = [0] * 24
+    for run in runs:
+        ordered = sorted(run.latencies_ns)
+        p50s.append(percentile(ordered, 0.50) / 1000)
+        p99s.append(percentile(ordered, 0.99) / 1000)
+        cpu = run.cpu_per_fault_ns
+        if cpu is not None:
+            cpus.append(cpu / 1000)
+        for i, n in enumerate(log2_histogram(run.latencies_ns)):
+            hist[i] += n
+    rates = [r.rate for r in runs]
+    return Summary(
+        contender=runs[0].contender,
+        scenario=scenario,
+        runs=len(runs),
+        rate=statistics.median(rates),
+        p50_us=statistics.median(p50s),
+        p99_us=statistics.median(p99s),
+        cpu_us_per_fault=statistics.median(cpus) if cpus else None,
+        rates=rates,
+        histogram_log2_us=hist,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating and building the baselines
+
+
+def find_benches_dir() -> Path:
+    """The repository's ``benches/`` directory (see the module docstring for where it looks)."""
+    candidates: list[Path] = []
+    env = os.environ.get("PAGEWARDEN_BENCHES")
+    if env:
+        candidates.append(Path(env))
+    candidates.append(Path(__file__).resolve().parent.parent.parent / "benches")
+    candidates.append(Path.cwd() / "benches")
+    for c in candidates:
+        if (c / "c" / "uffd_baseline.c").is_file() and (c / "pure_python_handler.py").is_file():
+            return c
+    raise BenchError(
+        2,
+        "pagewarden bench needs the repository's benches/ directory (the C baseline and the "
+        "pure-Python handler); run it from a source checkout or set PAGEWARDEN_BENCHES "
+        f"(looked in: {', '.join(str(c) for c in candidates)})",
+    )
+
+
+def compile_c_baseline(benches: Path, workdir: Path) -> Path:
+    """Compiles ``benches/c/uffd_baseline.c`` with gcc into ``workdir``; returns the binary."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise BenchError(
+            2, "the C baseline is compiled at run time and needs gcc (apt-get install gcc)"
+        )
+    binary = workdir / "uffd_baseline"
+    cmd = [gcc, "-O2", "-pthread", "-o", str(binary), str(benches / "c" / "uffd_baseline.c")]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BenchError(2, f"compiling the C baseline failed:\n{done.stderr.strip()}")
+    return binary
+
+
+def load_pure_python_handler(benches: Path) -> ModuleType:
+    """Imports ``benches/pure_python_handler.py`` by path."""
+    path = benches / "pure_python_handler.py"
+    spec = importlib.util.spec_from_file_location("pure_python_handler", path)
+    if spec is None or spec.loader is None:
+        raise BenchError(2, f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("pure_python_handler", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def thread_cpu_ns(native_id: int) -> int:
+    """CPU time of thread ``native_id`` of this process, in ns (its thread CPU clock)."""
+    return time.clock_gettime_ns(((~native_id) << 3) | 6)
+
+
+def _threads_named(name: str) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{entry}/comm") as f:
+                if f.read().strip() == name:
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def start_and_find_loop_thread(handler: pw.Handler) -> int:
+    """Starts ``handler`` and returns the thread id of its new ``pagewarden-uffd`` thread."""
+    before = _threads_named(UFFD_THREAD_NAME)
+    handler.start()
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        new = _threads_named(UFFD_THREAD_NAME) - before
+        if new:
+            return max(new)
+        time.sleep(0.0005)
+    raise BenchError(2, "the handler's pagewarden-uffd thread did not appear")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def madvise_dontneed(address: int, length: int) -> None:
+    """``madvise(MADV_DONTNEED)`` (ctypes releases the GIL, so a REMOVE event can be read)."""
+    if _libc.madvise(address, length, MADV_DONTNEED) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise(MADV_DONTNEED): {os.strerror(err)}")
+
+
+def pattern(size: int) -> bytearray:
+    """``size`` bytes of a repeating, non-zero pattern (every page written, so present)."""
+    block = bytes((i * 7 + 1) & 0xFF for i in range(PAGE_4K))
+    return bytearray(block * (size // PAGE_4K))
+
+
+def page_size_of(kind: Kind) -> int:
+    """The page size a kind of scenario faults at."""
+    return PAGE_2M if kind == "hugetlb" else PAGE_4K
+
+
+# ---------------------------------------------------------------------------------------------
+# The four contenders
+
+
+@dataclass
+class Prepared:
+    """A contender ready to be touched: a fresh region, its handler started (if any) and pinned.
+    ``close`` releases everything; ``touch`` runs the workload and then closes."""
+
+    contender: str
+    kind: Kind
+    pages: int
+    memory: pw.GuestMemory
+    handler: Any = None
+    loop_thread: int = 0
+    region: Any = None
+
+    def handler_cpu_ns(self) -> int | None:
+        """CPU time used so far by the handler thread (None for the floor)."""
+        if self.contender == "pagewarden":
+            return thread_cpu_ns(self.loop_thread)
+        if self.contender == "Python":
+            return int(self.handler.cpu_ns())
+        return None
+
+    def touch(self, threads: int) -> FaultRun:
+        """Touches every page from ``threads`` native threads (which inherit the calling
+        thread's CPU pinning), then closes."""
+        try:
+            cpu0 = self.handler_cpu_ns()
+            elapsed, latencies, sigbus = _native._bench_touch(self.memory, threads)
+            cpu1 = self.handler_cpu_ns()
+            if self.contender == "pagewarden":
+                self.handler.check()
+            elif self.contender == "Python" and self.handler.error is not None:
+                raise BenchError(2, f"the pure-Python handler failed: {self.handler.error!r}")
+        finally:
+            self.close()
+        cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        ps = page_size_of(self.kind)
+        return FaultRun(
+            self.contender, self.kind, threads, self.pages, ps, elapsed, latencies, cpu, sigbus
+        )
+
+    def close(self) -> None:
+        """Closes the handler and releases the region."""
+        if self.handler is not None:
+            self.handler.close()
+        if self.region is not None:
+            self.region.close()
+
+
+def _fresh_memory(kind: Kind, size: int) -> pw.GuestMemory:
+    if kind in ("copy", "zero", "poison"):
+        return pw.GuestMemory.anonymous(size)
+    return pw.GuestMemory.memfd(size, hugepages=kind == "hugetlb")
+
+
+def _all_poisoned(size: int) -> pw.PoisonSet:
+    poison = pw.PoisonSet()
+    poison.add_range(0, size)
+    return poison
+
+
+def prepare_pagewarden(
+    kind: Kind,
+    pages: int,
+    source: bytearray | None,
+    placement: Placement,
+    realtime: bool = False,
+) -> Prepared:
+    """pagewarden's Handler (prefetch off) on a fresh region, started, its event-loop thread
+    pinned to the placement's handler CPU. With ``realtime`` that thread runs at SCHED_FIFO
+    priority 1 (needs CAP_SYS_NICE; PermissionError otherwise). Call it with the calling thread
+    pinned to the toucher CPU (see ``pinned``)."""
+    size = pages * page_size_of(kind)
+    memory = _fresh_memory(kind, size)
+    src: pw.MemorySource | pw.ZeroSource
+    src = pw.ZeroSource() if source is None else pw.MemorySource(source)
+    handler = pw.Handler(
+        memory,
+        src,
+        poison=_all_poisoned(size) if kind == "poison" else None,
+        mode="minor" if kind == "continue" else "missing",
+        prefetch=False,
+    )
+    prepared = Prepared("pagewarden", kind, pages, memory, handler)
+    try:
+        prepared.loop_thread = start_and_find_loop_thread(handler)
+        os.sched_setaffinity(prepared.loop_thread, {placement.handler_cpu})
+        if realtime:
+            os.sched_setscheduler(prepared.loop_thread, os.SCHED_FIFO, os.sched_param(1))
+        if kind == "poison":
+            # The markers were installed up front; a DONTNEED drops them (as a balloon would) but
+            # not the poison state, so every touch is a MISSING fault that the handler answers
+            # with UFFDIO_POISON, as the other contenders do.
+            madvise_dontneed(memory.address, size)
+    except BaseException:
+        prepared.close()
+        raise
+    return prepared
+
+
+def prepare_python(
+    pph: ModuleType, kind: Kind, pages: int, source: bytearray | None, placement: Placement
+) -> Prepared:
+    """The pure-Python handler (a Python thread) on a fresh region mapped by hand, started and
+    pinned to the placement's handler CPU; the faulting threads stay native."""
+    ps = page_size_of(kind)
+    size = pages * ps
+    region_kind = {"continue": "shmem", "hugetlb": "hugetlb"}.get(kind, "anonymous")
+    resolution = {"hugetlb": "copy"}.get(kind, kind)
+    region = pph.Region(region_kind, size)
+    try:
+        handler = pph.PythonHandler(region, resolution, source)
+    except BaseException:
+        region.close()
+        raise
+    memory = pw.GuestMemory.from_address(region.address, size, ps)
+    prepared = Prepared("Python", kind, pages, memory, handler, region=region)
+    try:
+        handler.start()
+        os.sched_setaffinity(handler.native_id, {placement.handler_cpu})
+    except BaseException:
+        prepared.close()
+        raise
+    return prepared
+
+
+def prepare_floor(kind: Kind, pages: int) -> Prepared:
+    """A fresh region with no userfaultfd round trip: first touches are ordinary faults
+    (anonymous read faults map the zero page; shmem and hugetlb allocate), or for poison the
+    SIGBUS of markers installed up front (the handler is never started)."""
+    size = pages * page_size_of(kind)
+    memory = _fresh_memory(kind, size)
+    handler = None
+    if kind == "poison":
+        handler = pw.Handler(memory, pw.ZeroSource(), poison=_all_poisoned(size), prefetch=False)
+    return Prepared("floor", kind, pages, memory, handler)
+
+
+def run_pagewarden(
+    kind: Kind,
+    pages: int,
+    threads: int,
+    source: bytearray | None,
+    placement: Placement,
+    realtime: bool = False,
+) -> FaultRun:
+    """One run of pagewarden's Handler on a fresh region."""
+    with pinned(placement.toucher_cpu):
+        return prepare_pagewarden(kind, pages, source, placement, realtime).touch(threads)
+
+
+def run_python(
+    pph: ModuleType,
+    kind: Kind,
+    pages: int,
+    threads: int,
+    source: bytearray | None,
+    placement: Placement,
+) -> FaultRun:
+    """One run of the pure-Python handler with native faulting threads."""
+    with pinned(placement.toucher_cpu):
+        return prepare_python(pph, kind, pages, source, placement).touch(threads)
+
+
+def run_floor(kind: Kind, pages: int, threads: int, placement: Placement) -> FaultRun:
+    """The kernel floor: the same touches with no userfaultfd round trip."""
+    with pinned(placement.toucher_cpu):
+        return prepare_floor(kind, pages).touch(threads)
+
+
+def run_c(
+    binary: Path,
+    kind: Kind,
+    pages: int,
+    threads: int,
+    placement: Placement,
+    batched: bool = False,
+) -> FaultRun:
+    """One run of the C baseline (its own process, its own toucher threads); ``batched`` runs
+    its batching experiment instead of the plain poll + read + ioctl loop."""
+    cmd = [str(binary), "fault", kind, str(pages), str(threads)]
+    cmd += [str(placement.handler_cpu), str(placement.toucher_cpu)]
+    if batched:
+        cmd.append("batched")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise BenchError(2, f"C baseline failed ({' '.join(cmd)}): {done.stderr.strip()}")
+    out = json.loads(done.stdout)
+    return FaultRun(
+        BATCHED if batched else "C",
+        kind,
+        threads,
+        pages,
+        int(out["page_size"]),
+        out["elapsed_ns"] / 1e9,
+        [int(x) for x in out["lat_ns"]],
+        int(out["handler_cpu_ns"]),
+        int(out["sigbus"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A busy Python process, and the GIL trap
+
+
+@contextlib.contextmanager
+def busy_python_threads(count: int) -> Iterator[None]:
+    """``count`` Python threads of this process running pure-Python loops meanwhile."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        total = 0
+        while not stop.is_set():
+            for i in range(2000):
+                total += i * i
+
+    workers = [threading.Thread(target=spin, name=f"busy-{i}", daemon=True) for i in range(count)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(0.05)
+        yield
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+
+
+GIL_DEMO = r"""
+import ctypes, sys, time
+sys.path.insert(0, sys.argv[2])
+import pagewarden as pw
+size = 16 * 4096
+if sys.argv[1] == "Python":
+    import pure_python_handler as pph
+    region = pph.Region("anonymous", size)
+    handler = pph.PythonHandler(region, "zero")
+    handler.start()
+    address = region.address
+else:
+    memory = pw.GuestMemory.anonymous(size)
+    handler = pw.Handler(memory, pw.ZeroSource(), prefetch=False)
+    handler.start()
+    address = memory.address
+t0 = time.perf_counter()
+ctypes.string_at(address, 8)  # a Python thread loads guest memory, holding the GIL
+print(f"{time.perf_counter() - t0:.6f}", flush=True)
+handler.close()
+"""
+
+
+@dataclass
+class GilDemo:
+    """Whether a Python thread touching a missing page got its answer."""
+
+    contender: str
+    deadlocked: bool
+    seconds: float
+    detail: str
+
+
+def gil_demo(contender: str, benches: Path, timeout_s: float) -> GilDemo:
+    """Runs the GIL-trap demonstration for ``contender`` in a subprocess with a timeout."""
+    cmd = [sys.executable, "-c", GIL_DEMO, contender, str(benches)]
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return GilDemo(
+            contender,
+            True,
+            time.monotonic() - t0,
+            f"deadlocked: no answer in {timeout_s:g} s (killed)",
+        )
+    if done.returncode != 0:
+        return GilDemo(
+            contender, False, time.monotonic() - t0, f"failed: {done.stderr.strip()[-300:]}"
+        )
+    seconds = float(done.stdout.strip())
+    return GilDemo(contender, False, seconds, f"answered in {seconds * 1e6:.0f} µs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bulk: prefetch, pre-poisoning, PoisonSet
+
+
+def run_c_json(binary: Path, *args: object) -> dict[str, Any]:
+    """Runs the C program in a bulk mode and returns its JSON report."""
+    cmd = [str(binary), *(str(a) for a in args)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode != 0:
+        raise BenchError(2, f"C baseline failed ({' '.join(cmd)}): {done.stderr.strip()}")
+    return cast(dict[str, Any], json.loads(done.stdout))
+
+
+def prefetch_gib_s(source: bytearray) -> float:
+    """pagewarden's background prefetch of a whole anonymous region from a MemorySource, no
+    faults: GiB/s from start() to wait() returning."""
+    size = len(source)
+    mem = pw.GuestMemory.anonymous(size)
+    handler = pw.Handler(mem, pw.MemorySource(source), prefetch=True)
+    try:
+        t0 = time.perf_counter()
+        handler.start()
+        if not handler.wait(timeout=120):
+            raise BenchError(2, "prefetch did not finish in 120 s")
+        elapsed = time.perf_counter() - t0
+    finally:
+        handler.close()
+    return size / elapsed / GIB
+
+
+PREPOISON_PATTERNS: dict[str, tuple[int, int]] = {
+    # name: (stride in pages, run length in pages)
+    "dense": (0, 0),  # one run of every page
+    "clustered": (256, 64),  # 64-page runs every 1 MiB
+    "sparse": (16, 1),  # one page in 16
+}
+
+
+def prepoison_layout(pattern_name: str, pages: int) -> tuple[int, int]:
+    """(stride, run) in pages for a pre-poisoning pattern of ``pages`` poisoned pages."""
+    stride, run = PREPOISON_PATTERNS[pattern_name]
+    return (pages, pages) if run == 0 else (stride, run)
+
+
+def prepoison_pagewarden(pattern_name: str, pages: int) -> tuple[float, float]:
+    """Seconds to construct a Handler that installs ``pages`` poisoned pages laid out as
+    ``pattern_name``, and seconds for the same Handler with no poison (registration alone)."""
+    stride, run = prepoison_layout(pattern_name, pages)
+    runs = pages // run
+    span = runs * stride * PAGE_4K
+    if run == 1:
+        poison = pw.PoisonSet([r * stride * PAGE_4K for r in range(runs)])
+    else:
+        poison = pw.PoisonSet()
+        for r in range(runs):
+            poison.add_range(r * stride * PAGE_4K, run * PAGE_4K)
+    times = []
+    for with_poison in (True, False):
+        mem = pw.GuestMemory.anonymous(span)
+        t0 = time.perf_counter()
+        handler = pw.Handler(
+            mem, pw.ZeroSource(), poison=poison if with_poison else None, prefetch=False
+        )
+        times.append(time.perf_counter() - t0)
+        handler.close()
+        del handler, mem
+    return times[0], times[1]
+
+
+@dataclass
+class PoisonSetFigures:
+    """Memory and lookup speed of a PoisonSet of one shape."""
+
+    shape: str
+    pages: int
+    span_pages: int
+    memory_bytes: int
+    bits_per_guest_page: float
+    bytes_per_poisoned_page: float
+    lookups_per_s: float
+    ascending_lookups_per_s: float
+
+
+def poisonset_of(shape: str, pages: int, seed: int = 7) -> tuple[pw.PoisonSet, int]:
+    """A set of ``pages`` poisoned 4 KiB pages of one shape, and its span in pages: "dense"
+    (one run), "random 1/2" (half the pages of the span, at random), "clustered" (64-page runs
+    in random 256-page slots) or "sparse" (uniformly over a 1 TiB guest)."""
+    rng = random.Random(seed)
+    if shape == "dense":
+        poison = pw.PoisonSet()
+        poison.add_range(0, pages * PAGE_4K)
+        return poison, pages
+    if shape == "clustered":
+        span = pages * 4
+        poison = pw.PoisonSet()
+        for slot in rng.sample(range(span // 64), pages // 64):
+            poison.add_range(slot * 64 * PAGE_4K, 64 * PAGE_4K)
+        return poison, span
+    if shape == "random 1/2":
+        span = pages * 2
+    elif shape == "sparse":
+        span = 1 << 28
+    else:
+        raise BenchError(22, f"unknown PoisonSet shape {shape!r}")
+    return pw.PoisonSet([p * PAGE_4K for p in rng.sample(range(span), pages)]), span
+
+
+def poisonset_figures(shape: str, pages: int, seed: int = 7) -> PoisonSetFigures:
+    """Memory and native lookup rates (random and ascending order) of ``poisonset_of``."""
+    poison, span = poisonset_of(shape, pages, seed)
+    lookups, _hits, seconds = _native._bench_poison_lookups(
+        poison, span * PAGE_4K, 1 << 20, 8, seed
+    )
+    ascending, _hits, ascending_s = _native._bench_poison_lookups(
+        poison, span * PAGE_4K, 1 << 20, 8, seed, ascending=True
+    )
+    mem_bytes = poison.memory_bytes()
+    return PoisonSetFigures(
+        shape,
+        pages,
+        span,
+        mem_bytes,
+        mem_bytes * 8 / span,
+        mem_bytes / pages,
+        lookups / seconds,
+        ascending / ascending_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Report:
+    """Everything one run measured (what ``--json`` writes). ``faults`` and ``busy`` are keyed by
+    placement, then scenario (or "<handler> idle|busy"), then contender."""
+
+    machine: dict[str, Any]
+    config: dict[str, Any]
+    placements: list[Placement] = field(default_factory=list)
+    faults: dict[str, dict[str, dict[str, Summary]]] = field(default_factory=dict)
+    busy: dict[str, dict[str, Summary]] = field(default_factory=dict)
+    gil: list[GilDemo] = field(default_factory=list)
+    bulk: dict[str, Any] = field(default_factory=dict)
+    poisonset: list[PoisonSetFigures] = field(default_factory=list)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _machine() -> dict[str, Any]:
+    caps = pw.capabilities()
+    return {
+        "kernel": caps["kernel_release"],
+        "cpus": os.cpu_count(),
+        "cpu_model": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")
+            ),
+            "?",
+        ),
+        "python": platform.python_version(),
+        "pagewarden": pw.__version__,
+        "hugepages_2m_free": caps["hugepages_2m_free"],
+        "clocksource": _read("/sys/devices/system/clocksource/clocksource0/current_clocksource"),
+        "loadavg_before": _read("/proc/loadavg"),
+    }
+
+
+def _check_environment() -> None:
+    caps = pw.capabilities()
+    if not caps["userfaultfd"]:
+        methods = "; ".join(f"{k}: {v}" for k, v in caps["open_methods"].items())
+        raise pw.UnsupportedError(
+            95,
+            f"pagewarden bench needs a userfaultfd ({methods}); run as root or give this user "
+            "read-write access to /dev/userfaultfd (see `pagewarden info`)",
+        )
+    if not caps["poison"]:
+        raise pw.UnsupportedError(95, "pagewarden bench needs UFFDIO_POISON (Linux 6.6+)")
+
+
+def _run_one(
+    contender: Contender,
+    binary: Path,
+    pph: ModuleType,
+    kind: Kind,
+    pages: int,
+    threads: int,
+    source: bytearray | None,
+    placement: Placement,
+) -> FaultRun:
+    if contender == "pagewarden":
+        return run_pagewarden(kind, pages, threads, source, placement)
+    if contender == "C":
+        return run_c(binary, kind, pages, threads, placement)
+    if contender == BATCHED:
+        return run_c(binary, kind, pages, threads, placement, batched=True)
+    if contender == "Python":
+        return run_python(pph, kind, pages, threads, source, placement)
+    return run_floor(kind, pages, threads, placement)
+
+
+def run_faults(
+    config: Config,
+    binary: Path,
+    pph: ModuleType,
+    report: Report,
+    scenarios: Sequence[Scenario],
+) -> None:
+    """Runs every scenario's contenders in every placement, interleaved (the contender order
+    rotates), ``config.repetitions`` times; stores the medians in ``report.faults``."""
+    runs: dict[tuple[str, str, str], list[FaultRun]] = {}
+    sources: dict[int, bytearray] = {}
+
+    def source_for(kind: Kind, pages: int) -> bytearray | None:
+        if kind not in ("copy", "continue", "hugetlb"):
+            return None
+        size = pages * page_size_of(kind)
+        if size not in sources:
+            sources[size] = pattern(size)
+        return sources[size]
+
+    turn = 0
+    for rep in range(config.repetitions):
+        _log(f"fault scenarios: repetition {rep + 1}/{config.repetitions}")
+        for placement in report.placements:
+            for scenario in scenarios:
+                kind, threads = scenario.kind, scenario.threads
+                pages = config.huge_pages if kind == "hugetlb" else config.pages
+                source = source_for(kind, pages)
+                turn += 1
+                contenders = contenders_for(threads)
+                k = turn % len(contenders)
+                for contender in contenders[k:] + contenders[:k]:
+                    run = _run_one(contender, binary, pph, kind, pages, threads, source, placement)
+                    expect_sigbus = pages if kind == "poison" else 0
+                    if run.sigbus != expect_sigbus:
+                        raise BenchError(
+                            2,
+                            f"{contender} {scenario.name}: {run.sigbus} touches raised SIGBUS, "
+                            f"expected {expect_sigbus}",
+                        )
+                    key = (placement.key, scenario.name, contender)
+                    runs.setdefault(key, []).append(run)
+    for placement in report.placements:
+        report.faults[placement.key] = {
+            scenario.name: {
+                c: summarize(runs[(placement.key, scenario.name, c)], scenario.name)
+                for c in contenders_for(scenario.threads)
+            }
+            for scenario in scenarios
+        }
+
+
+BUSY_NAMES = ("pagewarden idle", "pagewarden busy", "Python idle", "Python busy")
+REALTIME = "pagewarden busy, loop SCHED_FIFO"
+
+
+def run_busy(config: Config, pph: ModuleType, report: Report) -> None:
+    """Fault latency (UFFDIO_COPY, one faulting thread) with the process idle and with
+    ``config.busy_threads`` Python threads running pure-Python loops, for pagewarden and the
+    pure-Python handler, in every placement. The busy threads are not pinned. Where allowed, also
+    pagewarden busy with its event-loop thread at SCHED_FIFO priority 1: what is left of the
+    busy tail once the loop thread no longer waits for a CPU behind the busy threads."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        realtime = True
+    except PermissionError:
+        realtime = False
+        report.skipped.append(f"{REALTIME}: needs CAP_SYS_NICE")
+    source = pattern(config.pages * PAGE_4K)
+    small = source[: config.busy_python_pages * PAGE_4K]
+    runs: dict[tuple[str, str], list[FaultRun]] = {}
+    for rep in range(config.repetitions):
+        _log(f"busy Python process: repetition {rep + 1}/{config.repetitions}")
+        for placement in report.placements:
+            for busy in (False, True):
+                with busy_python_threads(config.busy_threads if busy else 0):
+                    state = "busy" if busy else "idle"
+                    runs.setdefault((placement.key, f"pagewarden {state}"), []).append(
+                        run_pagewarden("copy", config.pages, 1, source, placement)
+                    )
+                    runs.setdefault((placement.key, f"Python {state}"), []).append(
+                        run_python(pph, "copy", config.busy_python_pages, 1, small, placement)
+                    )
+                    if busy and realtime:
+                        runs.setdefault((placement.key, REALTIME), []).append(
+                            run_pagewarden("copy", config.pages, 1, source, placement, True)
+                        )
+    for placement in report.placements:
+        report.busy[placement.key] = {
+            name: summarize(runs[(placement.key, name)], name)
+            for name in (*BUSY_NAMES, REALTIME)
+            if (placement.key, name) in runs
+        }
+
+
+def run_bulk(config: Config, binary: Path, report: Report) -> None:
+    """Prefetch bandwidth against the UFFDIO_COPY bound and memcpy; pre-poisoning against ranged
+    UFFDIO_POISON; PoisonSet memory and lookups."""
+    size = config.prefetch_bytes
+    source = pattern(size)
+    pw_rates, bound, fresh, warm = [], [], [], []
+    for rep in range(config.repetitions):
+        _log(f"prefetch bandwidth: repetition {rep + 1}/{config.repetitions}")
+        pw_rates.append(prefetch_gib_s(source))
+        out = run_c_json(binary, "copybw", size, 4 * MIB)
+        bound.append(size / (out["elapsed_ns"] / 1e9) / GIB)
+        out = run_c_json(binary, "memcpy", size)
+        fresh.append(size / (out["fresh_ns"] / 1e9) / GIB)
+        warm.append(size / (out["prefaulted_ns"] / 1e9) / GIB)
+    del source
+    report.bulk["prefetch"] = {
+        "bytes": size,
+        "pagewarden_gib_s": statistics.median(pw_rates),
+        "uffdio_copy_bound_gib_s": statistics.median(bound),
+        "memcpy_fresh_gib_s": statistics.median(fresh),
+        "memcpy_prefaulted_gib_s": statistics.median(warm),
+        "pagewarden_runs": pw_rates,
+        "bound_runs": bound,
+    }
+    prepoison: dict[str, Any] = {}
+    reps = max(1, min(config.repetitions, 3))
+    for name in PREPOISON_PATTERNS:
+        pages = config.prepoison_pages
+        stride, run = prepoison_layout(name, pages)
+        _log(f"pre-poisoning {pages} pages ({name})")
+        ours, empty, kernel = [], [], []
+        for _ in range(reps):
+            with_poison, without = prepoison_pagewarden(name, pages)
+            ours.append(with_poison)
+            empty.append(without)
+            out = run_c_json(binary, "prepoison", pages, stride, run)
+            kernel.append(out["elapsed_ns"] / 1e9)
+        t, t0, tk = statistics.median(ours), statistics.median(empty), statistics.median(kernel)
+        prepoison[name] = {
+            "pages": pages,
+            "span_pages": pages // run * stride,
+            "ioctls": pages // run,
+            "handler_s": t,
+            "handler_no_poison_s": t0,
+            "c_ranged_poison_s": tk,
+            "pagewarden_pages_per_s": pages / t,
+            "pagewarden_net_pages_per_s": pages / max(t - t0, 1e-9),
+            "c_pages_per_s": pages / tk,
+        }
+    report.bulk["prepoison"] = prepoison
+    _log("PoisonSet memory and lookups")
+    for shape in ("dense", "random 1/2", "clustered", "sparse"):
+        report.poisonset.append(poisonset_figures(shape, config.poisonset_pages))
+
+
+# ---------------------------------------------------------------------------------------------
+# Targets and output
+
+
+def _target(report: Report, name: str, value: float, goal: str, met: bool, note: str = "") -> None:
+    report.targets.append({"target": name, "value": value, "goal": goal, "met": met, "note": note})
+
+
+def evaluate_targets(report: Report) -> None:
+    """The issue's goals, as ratios measured in this run (reported, never asserted)."""
+    for placement, scenarios in report.faults.items():
+        for name in ("copy-1t", "copy-2t", "zero-1t", "zero-2t"):
+            s = scenarios.get(name)
+            if s:
+                ratio = s["pagewarden"].rate / s["C"].rate
+                _target(
+                    report, f"[{placement}] faults/s {name} vs C", ratio, ">= 1.0", ratio >= 1.0
+                )
+        for name, s in scenarios.items():
+            ours, c, py = (s[k].cpu_us_per_fault for k in ("pagewarden", "C", "Python"))
+            if ours is None or c is None or py is None:
+                continue
+            _target(report, f"[{placement}] CPU/fault {name} vs C", ours / c, "<= 1.0", ours <= c)
+            _target(
+                report,
+                f"[{placement}] CPU/fault {name} vs Python",
+                ours / py,
+                "well below: <= 0.5",
+                ours <= 0.5 * py,
+                f"above C: pagewarden {(ours - c) * 1000:+.0f} ns, "
+                f"Python {(py - c) * 1000:+.0f} ns",
+            )
+    for placement, busy in report.busy.items():
+        idle, loaded = busy["pagewarden idle"], busy["pagewarden busy"]
+        r = loaded.p99_us / idle.p99_us
+        note = ""
+        if REALTIME in busy:
+            rt = busy[REALTIME].p99_us / idle.p99_us
+            note = f"{rt:.2f} with the loop thread at SCHED_FIFO"
+        _target(report, f"[{placement}] p99 busy / idle, pagewarden", r, "<= 1.5", r <= 1.5, note)
+        r = busy["Python busy"].p99_us / loaded.p99_us
+        _target(report, f"[{placement}] p99 busy, Python / pagewarden", r, ">= 10", r >= 10)
+    for demo in report.gil:
+        want_deadlock = demo.contender == "Python"
+        _target(
+            report,
+            f"GIL trap, {demo.contender} handler",
+            demo.seconds,
+            "deadlocks" if want_deadlock else "answered",
+            demo.deadlocked == want_deadlock,
+            demo.detail,
+        )
+    pre = report.bulk.get("prefetch")
+    if pre:
+        r = pre["pagewarden_gib_s"] / pre["uffdio_copy_bound_gib_s"]
+        _target(report, "prefetch / UFFDIO_COPY bound", r, ">= 0.8", r >= 0.8)
+    for name, p in report.bulk.get("prepoison", {}).items():
+        rate = p["pagewarden_pages_per_s"]
+        _target(
+            report,
+            f"pre-poisoning, {name} (pages/s)",
+            rate,
+            ">= 10M",
+            rate >= 10e6,
+            f"kernel bound for this layout {p['c_pages_per_s'] / 1e6:.1f}M",
+        )
+    for f in report.poisonset:
+        if f.shape == "sparse":
+            _target(
+                report,
+                "PoisonSet lookups/s (sparse, random order)",
+                f.lookups_per_s,
+                ">= 50M",
+                f.lookups_per_s >= 50e6,
+                f"ascending order: {f.ascending_lookups_per_s / 1e6:.0f}M/s",
+            )
+            _target(
+                report,
+                "PoisonSet bits per guest page (sparse)",
+                f.bits_per_guest_page,
+                "far below 1: <= 0.1",
+                f.bits_per_guest_page <= 0.1,
+            )
+        elif f.shape in ("dense", "random 1/2"):
+            _target(
+                report,
+                f"PoisonSet bits per guest page ({f.shape})",
+                f.bits_per_guest_page,
+                "<= 1",
+                f.bits_per_guest_page <= 1.0 + 1e-2,
+                "within 1% (container headers)" if f.bits_per_guest_page > 1.0 else "",
+            )
+
+
+def _rate(v: float) -> str:
+    if v >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if v >= 1e3:
+        return f"{v / 1e3:.1f}k"
+    return f"{v:.0f}"
+
+
+def _us(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    """Aligned text columns with a separator under the header (a markdown table)."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def _fault_table(scenarios: dict[str, dict[str, Summary]]) -> str:
+    rows = []
+    for name, s in scenarios.items():
+        ours = s["pagewarden"]
+        kind, threads = name.rsplit("-", 1)
+        title = f"{KIND_TITLES[cast(Kind, kind)]}, {threads[:-1]} thr"
+        for contender in s:
+            x = s[contender]
+            mine = contender == "pagewarden"
+            rows.append(
+                [
+                    title if mine else "",
+                    contender,
+                    _rate(x.rate),
+                    _us(x.p50_us),
+                    _us(x.p99_us),
+                    _us(x.cpu_us_per_fault),
+                    _ratio(ours.rate, s["C"].rate)
+                    if mine
+                    else (f"({_ratio(x.rate, s['C'].rate)})" if contender == BATCHED else ""),
+                    _ratio(ours.rate, s["Python"].rate) if mine else "",
+                    _ratio(ours.rate, s["floor"].rate) if mine else "",
+                    _ratio(ours.cpu_us_per_fault, s["C"].cpu_us_per_fault) if mine else "",
+                    _ratio(ours.cpu_us_per_fault, s["Python"].cpu_us_per_fault) if mine else "",
+                ]
+            )
+    header = [
+        "scenario",
+        "handler",
+        "faults/s",
+        "p50 µs",
+        "p99 µs",
+        "CPU µs/fault",
+        "rate vs C",
+        "vs Python",
+        "vs floor",
+        "CPU vs C",
+        "CPU vs Python",
+    ]
+    return format_table(rows, header)
+
+
+def render(report: Report) -> str:
+    """The human-readable report (markdown tables)."""
+    out: list[str] = []
+    m, c = report.machine, report.config
+    out.append(
+        f"pagewarden {m['pagewarden']}, Linux {m['kernel']}, {m['cpus']} CPUs ({m['cpu_model']}), "
+        f"Python {m['python']}. Medians of {c['repetitions']} interleaved repetitions; "
+        f"{c['pages']} pages per 4 KiB run, {c['huge_pages']} per 2 MiB run. Load average "
+        f"before: {m['loadavg_before'].split(' ')[0]}, after: "
+        f"{m.get('loadavg_after', '?').split(' ')[0]}."
+    )
+    out.append("")
+    out.append(
+        "faults/s: pages touched per second; p50/p99: one touch (fault round trip), µs; CPU: "
+        "the handler thread's CPU time per fault. 'rate vs X' is pagewarden's faults/s over X's "
+        "(higher is better); 'CPU vs X' its CPU per fault over X's (lower is better). "
+        "'C batched' (2 faulting threads only) is an experiment, not a baseline: the C loop "
+        "reading up to 64 messages per wake and resolving contiguous pages with one ranged "
+        "ioctl; its '(rate vs C)' is its own rate over the plain C loop's."
+    )
+    for placement in report.placements:
+        scenarios = report.faults.get(placement.key)
+        if not scenarios:
+            continue
+        out.append("")
+        out.append(f"Fault path, {placement.key} ({placement.title}):")
+        out.append("")
+        out.append(_fault_table(scenarios))
+    for placement in report.placements:
+        busy = report.busy.get(placement.key)
+        if not busy:
+            continue
+        out.append("")
+        out.append(
+            f"Tail latency inside a busy Python process, {placement.key}: UFFDIO_COPY, 1 faulting "
+            f"thread; busy = {c['busy_threads']} unpinned Python threads running pure-Python "
+            f"loops; the pure-Python handler serves {c['busy_python_pages']} pages per run:"
+        )
+        out.append("")
+        rows = []
+        for who in ("pagewarden", "Python"):
+            idle, loaded = busy[f"{who} idle"], busy[f"{who} busy"]
+            rows.append(
+                [
+                    who,
+                    _us(idle.p50_us),
+                    _us(idle.p99_us),
+                    _us(loaded.p50_us),
+                    _us(loaded.p99_us),
+                    _ratio(loaded.p99_us, idle.p99_us),
+                    _rate(loaded.rate),
+                ]
+            )
+        if REALTIME in busy:
+            rt = busy[REALTIME]
+            rows.append(
+                [
+                    "pagewarden, loop thread SCHED_FIFO",
+                    "",
+                    "",
+                    _us(rt.p50_us),
+                    _us(rt.p99_us),
+                    _ratio(rt.p99_us, busy["pagewarden idle"].p99_us),
+                    _rate(rt.rate),
+                ]
+            )
+        rows.append(
+            [
+                "Python / pagewarden",
+                "",
+                _ratio(busy["Python idle"].p99_us, busy["pagewarden idle"].p99_us),
+                "",
+                _ratio(busy["Python busy"].p99_us, busy["pagewarden busy"].p99_us),
+                "",
+                "",
+            ]
+        )
+        header = ["handler", "idle p50", "idle p99", "busy p50", "busy p99", "busy/idle p99"]
+        out.append(format_table(rows, [*header, "busy faults/s"]))
+    if report.gil:
+        out.append("")
+        out.append(
+            "The GIL trap: a Python thread loads a missing guest page (ctypes.string_at, GIL "
+            "held); run in a subprocess with a timeout:"
+        )
+        out.append("")
+        out.append(
+            format_table([[d.contender, d.detail] for d in report.gil], ["handler", "outcome"])
+        )
+    pre = report.bulk.get("prefetch")
+    if pre:
+        out.append("")
+        out.append(f"Bulk copy of {pre['bytes'] >> 20} MiB into fresh anonymous memory, GiB/s:")
+        out.append("")
+        bound = pre["uffdio_copy_bound_gib_s"]
+        rows = [
+            [
+                "pagewarden prefetch (MemorySource, no faults)",
+                f"{pre['pagewarden_gib_s']:.2f}",
+                _ratio(pre["pagewarden_gib_s"], bound),
+            ],
+            ["C: UFFDIO_COPY in 4 MiB ranges (the bound)", f"{bound:.2f}", "1.00x"],
+            [
+                "C: memcpy into fresh memory (first-touch faults)",
+                f"{pre['memcpy_fresh_gib_s']:.2f}",
+                _ratio(pre["memcpy_fresh_gib_s"], bound),
+            ],
+            [
+                "C: memcpy into populated memory",
+                f"{pre['memcpy_prefaulted_gib_s']:.2f}",
+                _ratio(pre["memcpy_prefaulted_gib_s"], bound),
+            ],
+        ]
+        out.append(format_table(rows, ["what", "GiB/s", "vs bound"]))
+    prepoison = report.bulk.get("prepoison")
+    if prepoison:
+        out.append("")
+        out.append(
+            "Pre-poisoning: Handler construction installing the known poison (registration "
+            "included; 'net' subtracts a Handler with no poison) against the C program's ranged "
+            "UFFDIO_POISON, one ioctl per run, on a registered range:"
+        )
+        out.append("")
+        rows = [
+            [
+                name,
+                str(p["pages"]),
+                str(p["ioctls"]),
+                f"{p['pagewarden_pages_per_s'] / 1e6:.1f}M",
+                f"{p['pagewarden_net_pages_per_s'] / 1e6:.1f}M",
+                f"{p['c_pages_per_s'] / 1e6:.1f}M",
+                _ratio(p["pagewarden_pages_per_s"], p["c_pages_per_s"]),
+            ]
+            for name, p in prepoison.items()
+        ]
+        header = ["layout", "pages", "runs", "pages/s", "net pages/s", "C pages/s", "vs C"]
+        out.append(format_table(rows, header))
+    if report.poisonset:
+        out.append("")
+        out.append(
+            "PoisonSet, 1M poisoned 4 KiB pages (lookups: native loop over 1M guest addresses "
+            "drawn uniformly from the span, in random and in ascending order):"
+        )
+        out.append("")
+        rows = [
+            [
+                f.shape,
+                f"{f.span_pages:,}",
+                f"{f.memory_bytes:,}",
+                f"{f.bytes_per_poisoned_page:.3f}",
+                f"{f.bits_per_guest_page:.4f}",
+                f"{f.lookups_per_s / 1e6:.0f}M",
+                f"{f.ascending_lookups_per_s / 1e6:.0f}M",
+            ]
+            for f in report.poisonset
+        ]
+        header = ["shape", "span (pages)", "bytes", "bytes/poisoned page", "bits/guest page"]
+        out.append(format_table(rows, [*header, "lookups/s random", "ascending"]))
+    if report.targets:
+        out.append("")
+        out.append("Targets (goals measured as ratios in this run; never asserted by tests):")
+        out.append("")
+        rows = []
+        for t in report.targets:
+            v = t["value"]
+            value = f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v:.0f}" if v >= 100 else f"{v:.2f}"
+            rows.append([t["target"], value, t["goal"], "met" if t["met"] else "MISSED", t["note"]])
+        out.append(format_table(rows, ["target", "value", "goal", "", "note"]))
+    for skipped in report.skipped:
+        out.append(f"skipped: {skipped}")
+    return "\n".join(out)
+
+
+COLORS = {"pagewarden": "#1f77b4", "C": "#2ca02c", "Python": "#d62728", "floor": "#7f7f7f"}
+
+
+def _plot_throughput(ax: Any, scenarios: dict[str, dict[str, Summary]], title: str) -> None:
+    for kind, style in (("copy", "-"), ("zero", "--")):
+        for contender in ("pagewarden", "C", "Python"):
+            xs, ys = [], []
+            for threads in (1, 2):
+                s = scenarios.get(f"{kind}-{threads}t")
+                if s:
+                    xs.append(threads)
+                    ys.append(s[contender].rate / 1e3)
+            if xs:
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    marker="o",
+                    color=COLORS[contender],
+                    label=f"{contender}, {kind}",
+                )
+    ax.set_xticks([1, 2])
+    ax.set_xlabel("faulting threads")
+    ax.set_ylabel("k faults/s")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def _plot_histograms(
+    ax: Any, summaries: dict[str, Summary], names: Sequence[str], title: str
+) -> None:
+    """Tail plots: the fraction of faults at least as slow as x, from the log2 histograms."""
+    for name in names:
+        s = summaries[name]
+        total = sum(s.histogram_log2_us) or 1
+        tail = [sum(s.histogram_log2_us[i:]) / total for i in range(24)]
+        xs = [2**i for i in range(24) if tail[i] > 0]
+        ys = [t for t in tail if t > 0]
+        ax.step(
+            xs,
+            ys,
+            where="post",
+            color=COLORS.get(name.split()[0], "black"),
+            linestyle=":" if "SCHED_FIFO" in name else "--" if "busy" in name else "-",
+            label=name,
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlim(1, 2**18)
+    ax.set_ylim(1e-4, 1.5)
+    ax.axhline(0.01, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("touch latency, µs (log2 buckets)")
+    ax.set_ylabel("fraction of faults at least this slow (dotted: p99)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def write_plot(report: Report, path: Path) -> None:
+    """Throughput against faulting threads, latency histograms (idle and in a busy Python
+    process) and every scenario's rate, one row per placement, as a PNG."""
+    try:
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        raise BenchError(
+            2,
+            "--plot needs matplotlib: pip install 'pagewarden[bench]' (or pip install matplotlib)",
+        ) from None
+    rows = [p for p in report.placements if p.key in report.faults]
+    fig, axes = plt.subplots(len(rows), 4, figsize=(22, 5 * len(rows)), squeeze=False)
+    for r, placement in enumerate(rows):
+        scenarios = report.faults[placement.key]
+        label = f"{placement.key}: {placement.title}"
+        _plot_throughput(axes[r][0], scenarios, f"Fault throughput, 4 KiB anon\n{label}")
+        if "copy-1t" in scenarios:
+            _plot_histograms(
+                axes[r][1],
+                scenarios["copy-1t"],
+                CONTENDERS,
+                f"Latency, UFFDIO_COPY 4 KiB, 1 thread\n{label}",
+            )
+        busy = report.busy.get(placement.key)
+        if busy:
+            _plot_histograms(
+                axes[r][2],
+                busy,
+                [n for n in (*BUSY_NAMES, REALTIME) if n in busy],
+                f"Latency, idle vs {report.config['busy_threads']} busy Python threads\n{label}",
+            )
+        ax = axes[r][3]
+        names = [n for n in scenarios if not n.endswith("-2t")]
+        width = 0.2
+        for i, contender in enumerate(CONTENDERS):
+            ax.bar(
+                [k + (i - 1.5) * width for k in range(len(names))],
+                [scenarios[n][contender].rate / 1e3 for n in names],
+                width,
+                color=COLORS[contender],
+                label=contender,
+            )
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.removesuffix("-1t") for n in names], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("k faults/s (log)")
+        ax.set_title(f"Every scenario, 1 faulting thread\n{label}", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    m = report.machine
+    fig.suptitle(f"pagewarden bench: Linux {m['kernel']}, {m['cpus']} CPUs, {m['cpu_model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the benchmark as ``args`` say; returns the exit status (0 unless it could not run:
+    missed targets are reported, not failed)."""
+    if args.plot is not None:
+        try:
+            import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        except ImportError:
+            raise BenchError(
+                2,
+                "--plot needs matplotlib: pip install 'pagewarden[bench]' (or run without --plot)",
+            ) from None
+    if args.repetitions is not None and args.repetitions < 1:
+        raise BenchError(22, "--repetitions must be at least 1")
+    _check_environment()
+    config = Config.make(args.quick, args.repetitions)
+    benches = find_benches_dir()
+    pph = load_pure_python_handler(benches)
+    report = Report(machine=_machine(), config=asdict(config), placements=placements())
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pagewarden-bench-") as tmp:
+        binary = compile_c_baseline(benches, Path(tmp))
+        scenarios = list(SCENARIOS)
+        free = int(pw.capabilities()["hugepages_2m_free"])
+        if free < config.huge_pages:
+            scenarios = [s for s in scenarios if s.kind != "hugetlb"]
+            report.skipped.append(
+                f"2 MiB hugetlb copy: needs {config.huge_pages} free 2 MiB hugepages, {free} "
+                "free (as root: echo 64 > /proc/sys/vm/nr_hugepages)"
+            )
+        run_faults(config, binary, pph, report, scenarios)
+        run_busy(config, pph, report)
+        _log("GIL trap demonstration")
+        for contender in ("pagewarden", "Python"):
+            report.gil.append(gil_demo(contender, benches, config.gil_timeout_s))
+        run_bulk(config, binary, report)
+    evaluate_targets(report)
+    report.machine["elapsed_s"] = round(time.monotonic() - started, 1)
+    report.machine["loadavg_after"] = _read("/proc/loadavg")
+    print(render(report))
+    print(f"\n(ran {report.machine['elapsed_s']} s)")
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(asdict(report), indent=1) + "\n")
+        _log(f"wrote {args.json}")
+    if args.plot is not None:
+        write_plot(report, Path(args.plot))
+        _log(f"wrote {args.plot}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds ``pagewarden bench``'s options to ``parser``."""
+    parser.description = (
+        "Measure pagewarden's fault path against a plain C userfaultfd handler, a pure-Python "
+        "handler and the kernel floor (every contender on the same workload, interleaved), a "
+        "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning and PoisonSet. "
+        "Needs the repository's benches/ directory and gcc; run as root for every scenario."
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller runs and 3 repetitions (under a minute)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    parser.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw throughput and latency plots (needs matplotlib: pagewarden[bench])",
+    )
+    parser.add_argument(
+        "--repetitions",
+        type=int,
+        metavar="N",
+        help="interleaved repetitions (default 7, or 3 with --quick)",
+    )
