@@ -51,10 +51,3 @@ def pinned_to(placement: bench.Placement) -> Iterator[bench.Placement]:
     """Pins the test thread (and so the threads it starts) to the placement's toucher CPU."""
     with bench.pinned(placement.toucher_cpu):
         yield placement
-
-
-def hugepages_or_skip(pages: int) -> None:
-    """Skips unless ``pages`` 2 MiB hugepages are free."""
-    free = int(pw.capabilities()["hugepages_2m_free"])
-    if free < pages:
-        pytest.skip(f"needs {pages} free 2 MiB hugepages ({free} free)")

@@ -110,19 +110,22 @@ class Region:
             self.memfd = -1
 
 
-def buffer_address(buffer: bytearray) -> tuple[int, ctypes.Array[ctypes.c_char]]:
-    """The address of a bytearray's bytes, and the ctypes view that keeps it exported."""
+def buffer_address(buffer: bytearray | mmap.mmap) -> tuple[int, ctypes.Array[ctypes.c_char]]:
+    """The address of a writable buffer's bytes, and the ctypes view that keeps it exported."""
     view = (ctypes.c_char * len(buffer)).from_buffer(buffer)
     return ctypes.addressof(view), view
 
 
 class PythonHandler:
     """One Python thread serving ``region``'s faults: poll, ``os.read`` up to 64 messages,
-    one ``fcntl.ioctl`` per fault. ``source`` (a bytearray as large as the region) is needed
+    one ``fcntl.ioctl`` per fault. ``source`` (a writable buffer as large as the region) is needed
     for "copy" and "continue". A context manager; ``close()`` stops and joins the thread."""
 
     def __init__(
-        self, region: Region, resolution: Resolution, source: bytearray | None = None
+        self,
+        region: Region,
+        resolution: Resolution,
+        source: bytearray | mmap.mmap | None = None,
     ) -> None:
         if resolution in ("copy", "continue") and (source is None or len(source) < region.size):
             raise ValueError(f"resolution {resolution!r} needs a source of {region.size} bytes")

@@ -11,13 +11,14 @@ and prints the ratios.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import hugepages_or_skip
 
+import pagewarden as pw
 from pagewarden import bench
 
 PAGES = 2048
@@ -28,12 +29,14 @@ KINDS: list[bench.Kind] = ["copy", "zero", "poison", "continue", "hugetlb"]
 
 def _pages(kind: bench.Kind) -> int:
     if kind == "hugetlb":
-        hugepages_or_skip(HUGE_PAGES)
+        free = int(pw.capabilities()["hugepages_2m_free"])
+        if free < HUGE_PAGES:
+            pytest.skip(f"needs {HUGE_PAGES} free 2 MiB hugepages ({free} free)")
         return HUGE_PAGES
     return PAGES
 
 
-def _source(kind: bench.Kind, pages: int) -> bytearray | None:
+def _source(kind: bench.Kind, pages: int) -> mmap.mmap | None:
     if kind in ("copy", "continue", "hugetlb"):
         return bench.pattern(pages * bench.page_size_of(kind))
     return None

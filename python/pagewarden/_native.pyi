@@ -29,6 +29,8 @@ __all__ = [
     "UnsupportedError",
     "ZeroSource",
     "__version__",
+    "_bench_poison_lookups",
+    "_bench_touch",
     "capabilities",
     "kvm_check",
     "page_checksum",
@@ -87,7 +89,7 @@ def _bench_touch(memory: GuestMemory, threads: int = 1) -> tuple[float, list[int
 def _bench_poison_lookups(
     poison: PoisonSet,
     span: int,
-    count: int = 1048576,
+    count: int = ...,
     repeat: int = 8,
     seed: int = 1,
     ascending: bool = False,
@@ -165,7 +167,9 @@ class GuestMemory:
 class PoisonSet:
     """A set of poisoned guest pages (guest addresses with a page size)."""
 
-    def __new__(cls, guest_addresses: Iterable[int] = ..., page_size: int = 4096) -> Self: ...
+    def __new__(
+        cls, guest_addresses: Iterable[int] | None = None, page_size: int = 4096
+    ) -> Self: ...
     @property
     def page_size(self) -> int: ...
     def add(self, guest_address: int) -> bool:

@@ -11,9 +11,14 @@ repetition (the order rotates), on a fresh registered region per run:
   SIGBUS of an already installed marker).
 
 The faulting threads are native in every case (``pagewarden._native._bench_touch``, or the C
-program's own identical loop): one 8-byte load per page, each timed. Reported figures are medians
-over the repetitions. The bulk figures (prefetch bandwidth, pre-poisoning, PoisonSet) are
-measured against kernel bounds taken by the C program in the same run.
+program's own identical loop): one 8-byte load per page, each timed. Every contender is pinned
+the same way, in two placements: handler and faulting threads on one CPU (the software cost of a
+fault), and the handler on a CPU of its own (adding cross-CPU wake-ups, which under nested
+virtualization cost tens of µs and, left to the scheduler, make runs bimodal). Reported figures
+are medians over the repetitions; 2 faulting threads also run ``C batched``, the C loop resolving
+contiguous faults with one ranged ioctl, to show what batching is worth. The bulk figures
+(prefetch bandwidth, pre-poisoning, PoisonSet) are measured against kernel bounds taken by the C
+program in the same run. BENCHMARKS.md has a full run and what limits each number.
 
 The C baseline and the pure-Python handler live in the repository's ``benches/`` directory; it is
 found next to the package (a source checkout or ``maturin develop``), in the current directory,
@@ -28,6 +33,7 @@ import ctypes
 import importlib.util
 import json
 import math
+import mmap
 import os
 import platform
 import random
@@ -355,10 +361,28 @@ def madvise_dontneed(address: int, length: int) -> None:
         raise OSError(err, f"madvise(MADV_DONTNEED): {os.strerror(err)}")
 
 
-def pattern(size: int) -> bytearray:
-    """``size`` bytes of a repeating, non-zero pattern (every page written, so present)."""
-    block = bytes((i * 7 + 1) & 0xFF for i in range(PAGE_4K))
-    return bytearray(block * (size // PAGE_4K))
+_PATTERN_BLOCK = bytes((i * 7 + 1) & 0xFF for i in range(PAGE_4K)) * 256  # 1 MiB
+
+
+def pattern(size: int) -> mmap.mmap:
+    """``size`` bytes (a multiple of 4 KiB) of a repeating, non-zero pattern (every page written,
+    so present), in a private anonymous mapping: page aligned like the C program's source. (A
+    bytearray's bytes start 16 bytes into a page, which makes every UFFDIO_COPY read across
+    page boundaries: about 6% slower for 2 MiB pages here.)"""
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    rewrite_pattern(buffer)
+    return buffer
+
+
+def rewrite_pattern(buffer: mmap.mmap) -> None:
+    """Writes the pattern over ``buffer`` again, in place. Every contender copies from a source
+    written just before its run (the C program writes its own), so none copies from colder
+    memory than another."""
+    view = memoryview(buffer)
+    block = len(_PATTERN_BLOCK)
+    for offset in range(0, len(buffer), block):
+        end = min(offset + block, len(buffer))
+        view[offset:end] = _PATTERN_BLOCK[: end - offset]
 
 
 def page_size_of(kind: Kind) -> int:
@@ -433,7 +457,7 @@ def _all_poisoned(size: int) -> pw.PoisonSet:
 def prepare_pagewarden(
     kind: Kind,
     pages: int,
-    source: bytearray | None,
+    source: mmap.mmap | None,
     placement: Placement,
     realtime: bool = False,
 ) -> Prepared:
@@ -442,6 +466,8 @@ def prepare_pagewarden(
     priority 1 (needs CAP_SYS_NICE; PermissionError otherwise). Call it with the calling thread
     pinned to the toucher CPU (see ``pinned``)."""
     size = pages * page_size_of(kind)
+    if source is not None:
+        rewrite_pattern(source)
     memory = _fresh_memory(kind, size)
     src: pw.MemorySource | pw.ZeroSource
     src = pw.ZeroSource() if source is None else pw.MemorySource(source)
@@ -470,7 +496,7 @@ def prepare_pagewarden(
 
 
 def prepare_python(
-    pph: ModuleType, kind: Kind, pages: int, source: bytearray | None, placement: Placement
+    pph: ModuleType, kind: Kind, pages: int, source: mmap.mmap | None, placement: Placement
 ) -> Prepared:
     """The pure-Python handler (a Python thread) on a fresh region mapped by hand, started and
     pinned to the placement's handler CPU; the faulting threads stay native."""
@@ -478,6 +504,8 @@ def prepare_python(
     size = pages * ps
     region_kind = {"continue": "shmem", "hugetlb": "hugetlb"}.get(kind, "anonymous")
     resolution = {"hugetlb": "copy"}.get(kind, kind)
+    if source is not None:
+        rewrite_pattern(source)
     region = pph.Region(region_kind, size)
     try:
         handler = pph.PythonHandler(region, resolution, source)
@@ -511,7 +539,7 @@ def run_pagewarden(
     kind: Kind,
     pages: int,
     threads: int,
-    source: bytearray | None,
+    source: mmap.mmap | None,
     placement: Placement,
     realtime: bool = False,
 ) -> FaultRun:
@@ -525,7 +553,7 @@ def run_python(
     kind: Kind,
     pages: int,
     threads: int,
-    source: bytearray | None,
+    source: mmap.mmap | None,
     placement: Placement,
 ) -> FaultRun:
     """One run of the pure-Python handler with native faulting threads."""
@@ -664,10 +692,11 @@ def run_c_json(binary: Path, *args: object) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(done.stdout))
 
 
-def prefetch_gib_s(source: bytearray) -> float:
+def prefetch_gib_s(source: mmap.mmap) -> float:
     """pagewarden's background prefetch of a whole anonymous region from a MemorySource, no
     faults: GiB/s from start() to wait() returning."""
     size = len(source)
+    rewrite_pattern(source)
     mem = pw.GuestMemory.anonymous(size)
     handler = pw.Handler(mem, pw.MemorySource(source), prefetch=True)
     try:
@@ -854,7 +883,7 @@ def _run_one(
     kind: Kind,
     pages: int,
     threads: int,
-    source: bytearray | None,
+    source: mmap.mmap | None,
     placement: Placement,
 ) -> FaultRun:
     if contender == "pagewarden":
@@ -878,9 +907,9 @@ def run_faults(
     """Runs every scenario's contenders in every placement, interleaved (the contender order
     rotates), ``config.repetitions`` times; stores the medians in ``report.faults``."""
     runs: dict[tuple[str, str, str], list[FaultRun]] = {}
-    sources: dict[int, bytearray] = {}
+    sources: dict[int, mmap.mmap] = {}
 
-    def source_for(kind: Kind, pages: int) -> bytearray | None:
+    def source_for(kind: Kind, pages: int) -> mmap.mmap | None:
         if kind not in ("copy", "continue", "hugetlb"):
             return None
         size = pages * page_size_of(kind)
@@ -938,7 +967,7 @@ def run_busy(config: Config, pph: ModuleType, report: Report) -> None:
         realtime = False
         report.skipped.append(f"{REALTIME}: needs CAP_SYS_NICE")
     source = pattern(config.pages * PAGE_4K)
-    small = source[: config.busy_python_pages * PAGE_4K]
+    small = pattern(config.busy_python_pages * PAGE_4K)
     runs: dict[tuple[str, str], list[FaultRun]] = {}
     for rep in range(config.repetitions):
         _log(f"busy Python process: repetition {rep + 1}/{config.repetitions}")
@@ -1351,7 +1380,7 @@ def render(report: Report) -> str:
         rows = []
         for t in report.targets:
             v = t["value"]
-            value = f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v:.0f}" if v >= 100 else f"{v:.2f}"
+            value = f"{v / 1e6:.1f}M" if v >= 1e6 else f"{v:.0f}" if v >= 100 else f"{v:.3f}"
             rows.append([t["target"], value, t["goal"], "met" if t["met"] else "MISSED", t["note"]])
         out.append(format_table(rows, ["target", "value", "goal", "", "note"]))
     for skipped in report.skipped:
@@ -1478,6 +1507,38 @@ def write_plot(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
+def load_report(path: Path) -> Report:
+    """A report saved with ``--json``, for printing and plotting again."""
+    try:
+        data = json.loads(path.read_text())
+        report = Report(
+            machine=data["machine"],
+            config=data["config"],
+            placements=[Placement(**p) for p in data["placements"]],
+            gil=[GilDemo(**d) for d in data["gil"]],
+            bulk=data["bulk"],
+            poisonset=[PoisonSetFigures(**f) for f in data["poisonset"]],
+            targets=data["targets"],
+            skipped=data["skipped"],
+        )
+        report.faults = {
+            placement: {
+                scenario: {c: Summary(**v) for c, v in contenders.items()}
+                for scenario, contenders in scenarios.items()
+            }
+            for placement, scenarios in data["faults"].items()
+        }
+        report.busy = {
+            placement: {name: Summary(**v) for name, v in runs.items()}
+            for placement, runs in data["busy"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BenchError(
+            22, f"{path} is not a report written by `pagewarden bench --json`: {e}"
+        ) from e
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark as ``args`` say; returns the exit status (0 unless it could not run:
     missed targets are reported, not failed)."""
@@ -1489,6 +1550,15 @@ def run(args: argparse.Namespace) -> int:
                 2,
                 "--plot needs matplotlib: pip install 'pagewarden[bench]' (or run without --plot)",
             ) from None
+    if args.from_json is not None:
+        report = load_report(Path(args.from_json))
+        report.targets = []
+        evaluate_targets(report)
+        print(render(report))
+        if args.plot is not None:
+            write_plot(report, Path(args.plot))
+            _log(f"wrote {args.plot}")
+        return 0
     if args.repetitions is not None and args.repetitions < 1:
         raise BenchError(22, "--repetitions must be at least 1")
     _check_environment()
@@ -1551,4 +1621,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="interleaved repetitions (default 7, or 3 with --quick)",
+    )
+    parser.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="measure nothing: print (and with --plot, draw) a run saved with --json",
     )

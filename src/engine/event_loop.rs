@@ -481,11 +481,8 @@ impl<'a> EventLoop<'a> {
                 Err(p) => (p.done.min(len), Some(p.errno)),
             };
             let done = (done_bytes / ps) as usize;
-            for k in i..i + done {
-                region
-                    .states
-                    .transition_from(k, PageState::InFlight, PageState::Present);
-            }
+            // Counters first, states second: whoever sees the pages resolved (wait()) also sees
+            // them counted.
             let counter = match fill {
                 Fill::Source(_) | Fill::PageCache => &sh.stats.pages_copied,
                 Fill::Zero => &sh.stats.pages_zeroed,
@@ -493,6 +490,11 @@ impl<'a> EventLoop<'a> {
             Stats::add(counter, done as u64);
             if prefetch {
                 Stats::add(&sh.stats.pages_prefetched, done as u64);
+            }
+            for k in i..i + done {
+                region
+                    .states
+                    .transition_from(k, PageState::InFlight, PageState::Present);
             }
             i += done;
             match errno {

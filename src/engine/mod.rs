@@ -772,9 +772,8 @@ impl Handler {
             let first = ((lo - base) / region.page_size) as usize;
             let last = (hi - base).div_ceil(region.page_size) as usize;
             for i in first..last {
-                if let Some(prev) = self.claim_for_poison(region, i) {
+                if self.claim_for_poison(region, i)?.is_some() {
                     newly.push((ri, i));
-                    let _ = prev;
                 }
             }
         }
@@ -803,15 +802,26 @@ impl Handler {
     }
 
     /// Moves page `i` to Poisoned; returns its previous state if it was not poisoned already.
-    fn claim_for_poison(&self, region: &Region, i: usize) -> Option<PageState> {
+    fn claim_for_poison(&self, region: &Region, i: usize) -> Result<Option<PageState>> {
+        let mut spins: u64 = 0;
         loop {
             match region.states.get(i) {
-                PageState::Poisoned => return None,
-                // A resolution holds the page for one ioctl: wait for it to finish.
-                PageState::InFlight => std::thread::yield_now(),
+                PageState::Poisoned => return Ok(None),
+                // A resolution holds the page for one ioctl: wait for it to finish, unless the
+                // event loop is gone (a page it held can then never be released).
+                PageState::InFlight => {
+                    spins += 1;
+                    if spins % 4096 == 0 && self.shared.status().exited {
+                        return Err(Error::HandlerClosed(format!(
+                            "guest page {:#x} was left in flight by a stopped event loop",
+                            region.guest_address_of_page(i)
+                        )));
+                    }
+                    std::thread::yield_now()
+                }
                 state => {
                     if region.states.transition_from(i, state, PageState::Poisoned) {
-                        return Some(state);
+                        return Ok(Some(state));
                     }
                 }
             }
