@@ -78,6 +78,15 @@ fn check_size(size: u64, page_size: u64) -> Result<()> {
     Ok(())
 }
 
+fn check_page_size(page_size: u64) -> Result<()> {
+    if page_size != PAGE_SIZE_4K && page_size != PAGE_SIZE_2M {
+        return Err(Error::Config(format!(
+            "page size {page_size:#x} is not supported: use 4096 or 2097152 (2 MiB hugetlb)"
+        )));
+    }
+    Ok(())
+}
+
 fn check_guest_address(guest_address: u64, size: u64, page_size: u64) -> Result<()> {
     if guest_address % page_size != 0 {
         return Err(Error::GuestAddress(format!(
@@ -229,11 +238,7 @@ impl GuestMemory {
         page_size: u64,
         guest_address: u64,
     ) -> Result<Self> {
-        if page_size != PAGE_SIZE_4K && page_size != PAGE_SIZE_2M {
-            return Err(Error::Config(format!(
-                "page size {page_size:#x} is not supported: use 4096 or 2097152 (2 MiB hugetlb)"
-            )));
-        }
+        check_page_size(page_size)?;
         check_size(size, page_size)?;
         check_guest_address(guest_address, size, page_size)?;
         if address % page_size != 0 || address == 0 {
@@ -268,11 +273,7 @@ impl GuestMemory {
         page_size: u64,
         guest_address: u64,
     ) -> Result<Self> {
-        if page_size != PAGE_SIZE_4K && page_size != PAGE_SIZE_2M {
-            return Err(Error::Config(format!(
-                "page size {page_size:#x} is not supported: use 4096 or 2097152 (2 MiB hugetlb)"
-            )));
-        }
+        check_page_size(page_size)?;
         check_size(size, page_size)?;
         check_guest_address(guest_address, size, page_size)?;
         if address % page_size != 0 || address == 0 || address.checked_add(size).is_none() {

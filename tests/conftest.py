@@ -30,6 +30,15 @@ MiB = 1 << 20
 #: Huge pages one hugetlb test may use at most (16 MiB).
 HUGE_PAGES_PER_TEST = 8
 
+#: (kind, mode) pairs the kernel allows, hugetlb ones marked; for tests that cover them all.
+KIND_MODES = [
+    ("anon", "missing"),
+    ("shmem", "missing"),
+    ("shmem", "minor"),
+    pytest.param("hugetlb", "missing", marks=pytest.mark.hugetlb),
+    pytest.param("hugetlb", "minor", marks=pytest.mark.hugetlb),
+]
+
 #: si_code values a SIGBUS from a poison marker may carry: BUS_ADRERR without
 #: CONFIG_MEMORY_FAILURE, BUS_MCEERR_AR with it.
 SIGBUS_CODES = (2, 4)

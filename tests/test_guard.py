@@ -5,7 +5,7 @@ touch must SIGBUS again, while removed clean pages read zero."""
 from __future__ import annotations
 
 import pytest
-from conftest import HUGE_PAGE, PAGE, Mode, madvise, make_image, make_memory, verify
+from conftest import HUGE_PAGE, KIND_MODES, PAGE, Mode, madvise, make_image, make_memory, verify
 
 import pagewarden as pw
 
@@ -13,16 +13,7 @@ MADV_DONTNEED = 4
 MADV_REMOVE = 9
 
 
-@pytest.mark.parametrize(
-    ("kind", "mode"),
-    [
-        ("anon", "missing"),
-        ("shmem", "missing"),
-        ("shmem", "minor"),
-        pytest.param("hugetlb", "missing", marks=pytest.mark.hugetlb),
-        pytest.param("hugetlb", "minor", marks=pytest.mark.hugetlb),
-    ],
-)
+@pytest.mark.parametrize(("kind", "mode"), KIND_MODES)
 def test_removal_after_completion(uffd: None, kind: str, mode: Mode) -> None:
     ps = HUGE_PAGE if kind == "hugetlb" else PAGE
     size = 8 * ps

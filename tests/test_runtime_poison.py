@@ -10,6 +10,7 @@ import threading
 import pytest
 from conftest import (
     HUGE_PAGE,
+    KIND_MODES,
     PAGE,
     Mode,
     make_image,
@@ -33,16 +34,7 @@ def resident(address: int, length: int) -> int:
     return sum(b & 1 for b in vec.raw)
 
 
-@pytest.mark.parametrize(
-    ("kind", "mode"),
-    [
-        ("anon", "missing"),
-        ("shmem", "missing"),
-        ("shmem", "minor"),
-        pytest.param("hugetlb", "missing", marks=pytest.mark.hugetlb),
-        pytest.param("hugetlb", "minor", marks=pytest.mark.hugetlb),
-    ],
-)
+@pytest.mark.parametrize(("kind", "mode"), KIND_MODES)
 def test_poisoning_a_present_page_drops_it_and_sigbuses(uffd: None, kind: str, mode: Mode) -> None:
     ps = HUGE_PAGE if kind == "hugetlb" else PAGE
     size = 8 * ps

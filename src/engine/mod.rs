@@ -75,6 +75,17 @@ pub(crate) struct Region {
 }
 
 impl Region {
+    /// A region over `memory`, every page Missing.
+    fn new(memory: &Arc<GuestMemory>) -> Self {
+        Region {
+            memory: memory.clone(),
+            states: PageStates::new(memory.pages()),
+            start: memory.address(),
+            end: memory.address() + memory.size(),
+            page_size: memory.page_size(),
+        }
+    }
+
     fn guest_address_of_page(&self, index: usize) -> u64 {
         self.memory.guest_address() + index as u64 * self.page_size
     }
@@ -451,13 +462,7 @@ impl Handler {
             if handed_over {
                 // Registered by its owner; its pages have never been served, so known poison
                 // goes straight onto missing pages.
-                let region = Region {
-                    memory: m.clone(),
-                    states: PageStates::new(m.pages()),
-                    start: m.address(),
-                    end: m.address() + m.size(),
-                    page_size: m.page_size(),
-                };
+                let region = Region::new(m);
                 Self::install_poison(&uffd, &region, &runs)?;
                 max_page = max_page.max(if m.is_hugetlb() { m.page_size() } else { 0 });
                 regions.push(region);
@@ -509,19 +514,9 @@ impl Handler {
                     detail: "MINOR mode needs Linux 5.13 (hugetlb) or 5.14 (shmem)".into(),
                 });
             }
-            let region = Region {
-                memory: m.clone(),
-                states: PageStates::new(m.pages()),
-                start: m.address(),
-                end: m.address() + m.size(),
-                page_size: m.page_size(),
-            };
+            let region = Region::new(m);
             Self::install_poison(&uffd, &region, &runs)?;
-            max_page = max_page.max(if m.kind() == MemoryKind::Hugetlb {
-                m.page_size()
-            } else {
-                0
-            });
+            max_page = max_page.max(if m.is_hugetlb() { m.page_size() } else { 0 });
             regions.push(region);
         }
         let stats = Stats::default();
