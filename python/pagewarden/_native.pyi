@@ -237,7 +237,11 @@ class Handler:
         prefetch: bool = True,
         poison_journal: str | PathLike[str] | None = None,
         uffd: int | None = None,
+        prefetch_order: Iterable[int | tuple[int, int]] | None = None,
+        record_access: bool = False,
     ) -> Self: ...
+    def access_log(self) -> list[int]:
+        """Guest addresses in the order of their first fault (needs ``record_access=True``)."""
     def start(self) -> None:
         """Starts the native event loop; returns at once."""
     def wait(self, timeout: float | None = None) -> bool:

@@ -99,6 +99,9 @@ struct EventLoop<'a> {
     cursor: (usize, usize),
     complete_notified: bool,
     process_gone: bool,
+    /// Prefetch-first ranges (region, next page, end page), worked through before `cursor`.
+    plan: Vec<(usize, usize, usize)>,
+    plan_pos: usize,
 }
 
 impl<'a> EventLoop<'a> {
@@ -126,6 +129,8 @@ impl<'a> EventLoop<'a> {
             cursor: (0, 0),
             complete_notified: false,
             process_gone: false,
+            plan: std::mem::take(&mut *sh.prefetch_plan.lock().unwrap_or_else(|e| e.into_inner())),
+            plan_pos: 0,
         })
     }
 
@@ -288,7 +293,11 @@ impl<'a> EventLoop<'a> {
                             return Err(e);
                         }
                     };
-                    self.fill_run(fault.region, fault.index, 1, fill, prev, false)
+                    let outcome = self.fill_run(fault.region, fault.index, 1, fill, prev, false)?;
+                    if outcome == Outcome::Done && prev == PageState::Missing {
+                        self.log_access(gpa);
+                    }
+                    Ok(outcome)
                 }
                 // Lost a race with another resolver: look again.
                 Err(_) => self.resolve_inner(fault),
@@ -553,24 +562,69 @@ impl<'a> EventLoop<'a> {
         }
     }
 
-    /// One chunk of background prefetch: the next run of Missing pages, up to `chunk` bytes.
+    /// Appends a first-faulted page to the access log, when recording.
+    fn log_access(&self, guest_address: u64) {
+        if let Some(log) = self.sh.access_log.get() {
+            let n = self.sh.access_len.load(Ordering::Relaxed);
+            if n < log.len() {
+                log[n].store(guest_address, Ordering::Relaxed);
+                self.sh.access_len.store(n + 1, Ordering::Release);
+            }
+        }
+    }
+
+    /// One chunk of background prefetch: the next run of Missing pages, up to `chunk` bytes,
+    /// from the prefetch order first, then in address order.
     fn prefetch_step(&mut self) -> Result<()> {
+        while self.plan_pos < self.plan.len() {
+            let (ri, from, end) = self.plan[self.plan_pos];
+            match self.prefetch_range(ri, from, end, true)? {
+                Some(next) => {
+                    self.plan[self.plan_pos].1 = next;
+                    return Ok(());
+                }
+                None => self.plan_pos += 1,
+            }
+        }
+        while self.cursor.0 < self.sh.regions.len() {
+            let (ri, from) = self.cursor;
+            let end = self.sh.regions[ri].states.len();
+            match self.prefetch_range(ri, from, end, false)? {
+                Some(next) => {
+                    self.cursor = (ri, next);
+                    return Ok(());
+                }
+                None => self.cursor = (ri + 1, 0),
+            }
+        }
+        self.prefetching = false;
+        Ok(())
+    }
+
+    /// Prefetches one run of Missing pages of region `ri` within `[from, end)`; returns where
+    /// to look next time, or None when no Missing page is left in the range.
+    fn prefetch_range(
+        &mut self,
+        ri: usize,
+        from: usize,
+        end: usize,
+        planned: bool,
+    ) -> Result<Option<usize>> {
         let sh = self.sh;
-        while self.cursor.0 < sh.regions.len() {
-            let (ri, mut i) = self.cursor;
-            let region = &sh.regions[ri];
-            let pages = region.states.len();
-            while i < pages && region.states.get(i) != PageState::Missing {
+        let region = &sh.regions[ri];
+        let end = end.min(region.states.len());
+        let mut i = from;
+        loop {
+            while i < end && region.states.get(i) != PageState::Missing {
                 i += 1;
             }
-            if i == pages {
-                self.cursor = (ri + 1, 0);
-                continue;
+            if i >= end {
+                return Ok(None);
             }
             let max = (self.chunk / region.page_size).max(1) as usize;
             let mut n = 0;
             while n < max
-                && i + n < pages
+                && i + n < end
                 && region
                     .states
                     .transition_from(i + n, PageState::Missing, PageState::InFlight)
@@ -578,7 +632,7 @@ impl<'a> EventLoop<'a> {
                 n += 1;
             }
             if n == 0 {
-                self.cursor = (ri, i + 1);
+                i += 1;
                 continue;
             }
             let gpa = region.guest_address_of_page(i);
@@ -594,15 +648,15 @@ impl<'a> EventLoop<'a> {
                     return Err(e);
                 }
             };
-            self.cursor = (ri, i + n);
             if self.fill_run(ri, i, n, fill, PageState::Missing, true)? == Outcome::Again {
                 Stats::add(&sh.stats.eagain_retries, 1);
-                self.cursor = (ri, i);
+                return Ok(Some(i));
             }
-            return Ok(());
+            if planned {
+                Stats::add(&sh.stats.pages_prefetched_planned, n as u64);
+            }
+            return Ok(Some(i + n));
         }
-        self.prefetching = false;
-        Ok(())
     }
 
     /// Applies a non-fault event.

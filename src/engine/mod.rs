@@ -6,8 +6,8 @@ pub mod event_loop;
 pub mod stats;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -112,6 +112,12 @@ pub(crate) struct Shared {
     initial_poison: PoisonSet,
     /// The uffd was handed over by its owner (who registered the memory); never unregistered.
     handed_over: bool,
+    /// Guest addresses in the order their pages were first faulted in, when recording; one
+    /// slot per page, allocated before start (no allocation on the fault path).
+    pub(crate) access_log: OnceLock<Box<[AtomicU64]>>,
+    pub(crate) access_len: AtomicUsize,
+    /// Ranges to prefetch first, as (region, first page, end page); taken by the loop at start.
+    pub(crate) prefetch_plan: Mutex<Vec<(usize, usize, usize)>>,
     status: Mutex<Status>,
     cond: Condvar,
 }
@@ -539,6 +545,9 @@ impl Handler {
             zero_page: vec![0u8; max_page as usize],
             initial_poison: poison.clone(),
             handed_over,
+            access_log: OnceLock::new(),
+            access_len: AtomicUsize::new(0),
+            prefetch_plan: Mutex::new(Vec::new()),
             status: Mutex::new(Status::default()),
             cond: Condvar::new(),
         };
@@ -917,6 +926,74 @@ impl Handler {
     /// The journal's path, if the handler keeps one.
     pub fn journal_path(&self) -> Option<&Path> {
         self.journal.as_ref().map(|j| j.path())
+    }
+
+    /// Records the order in which pages are first faulted in (see [`access_log`]); call
+    /// before [`start`](Self::start). Costs 8 bytes per guest page, allocated now.
+    ///
+    /// [`access_log`]: Self::access_log
+    pub fn record_accesses(&self) -> Result<()> {
+        if self.started.load(Ordering::Acquire) {
+            return Err(Error::Config(
+                "record_access must be set before Handler.start()".into(),
+            ));
+        }
+        let pages = self.shared.pages_total() as usize;
+        let _ = self
+            .shared
+            .access_log
+            .set((0..pages).map(|_| AtomicU64::new(0)).collect());
+        Ok(())
+    }
+
+    /// Guest addresses of the pages faulted in so far, in the order of their first fault (not
+    /// counting prefetched pages): the working set of this run, to prefetch first next time.
+    pub fn access_log(&self) -> Result<Vec<u64>> {
+        let log = self.shared.access_log.get().ok_or_else(|| {
+            Error::Config("this Handler does not record accesses (pass record_access=True)".into())
+        })?;
+        let len = self
+            .shared
+            .access_len
+            .load(Ordering::Acquire)
+            .min(log.len());
+        Ok(log[..len]
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect())
+    }
+
+    /// Ranges `(guest_address, length)` for the background prefetch to bring in first, in this
+    /// order (a recorded working set, say); the rest follows in address order. Before start.
+    pub fn set_prefetch_order(&self, ranges: &[(u64, u64)]) -> Result<()> {
+        if self.started.load(Ordering::Acquire) {
+            return Err(Error::Config(
+                "prefetch_order must be set before Handler.start()".into(),
+            ));
+        }
+        let mut plan = Vec::with_capacity(ranges.len());
+        for &(guest_address, len) in ranges {
+            let end = guest_address.checked_add(len).filter(|_| len > 0);
+            let region = self.shared.regions.iter().position(|r| {
+                end.is_some_and(|end| r.memory.contains_guest(guest_address, end - guest_address))
+            });
+            let Some(ri) = region else {
+                return Err(Error::GuestAddress(format!(
+                    "prefetch_order range {guest_address:#x}+{len:#x} is not inside one guest memory region"
+                )));
+            };
+            let r = &self.shared.regions[ri];
+            let base = r.memory.guest_address();
+            let first = ((guest_address - base) / r.page_size) as usize;
+            let last = (guest_address + len - base).div_ceil(r.page_size) as usize;
+            plan.push((ri, first, last));
+        }
+        *self
+            .shared
+            .prefetch_plan
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = plan;
+        Ok(())
     }
 
     /// True once started and not yet closed.

@@ -79,6 +79,8 @@ counters! {
     pages_poisoned_runtime,
     /// Pages brought in by background prefetch rather than by a fault.
     pages_prefetched,
+    /// Of those, pages brought in by the prefetch order given (a recorded working set).
+    pages_prefetched_planned,
     /// Resolutions that found the page already mapped (EEXIST), then woke the range.
     eexist,
     /// Resolutions retried because an event was pending (EAGAIN).

@@ -183,3 +183,79 @@ fn close_fences_missing_pages_instead_of_leaving_zeros() {
     ));
     assert_eq!(h.stats().pages_fenced, 7);
 }
+
+#[test]
+fn access_log_records_first_faults_and_replays_as_prefetch_order() {
+    if !uffd_usable() {
+        return;
+    }
+    let pages = 64u64;
+    let bytes = image((pages * 4096) as usize, 4);
+    let working_set = [40u64, 3, 17, 63, 8].map(|p| p * 4096);
+    let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
+    let config = HandlerConfig {
+        mode: Mode::Missing,
+        prefetch: false,
+    };
+    let h = Handler::new(
+        vec![memory.clone()],
+        Arc::new(MemorySource::from_vec(bytes.clone())),
+        &PoisonSet::new(4096).unwrap(),
+        config,
+    )
+    .unwrap();
+    assert!(h.access_log().is_err(), "not recording");
+    h.record_accesses().unwrap();
+    h.start().unwrap();
+    assert!(h.record_accesses().is_err(), "too late");
+    let touched = touch(
+        &memory,
+        Some(working_set.to_vec()),
+        1,
+        TouchOrder::Sequential,
+        TouchVia::Load,
+    )
+    .unwrap();
+    assert_eq!(touched.outcomes.len(), working_set.len());
+    // A second touch of the same pages faults nothing new.
+    touch(
+        &memory,
+        Some(working_set.to_vec()),
+        1,
+        TouchOrder::Sequential,
+        TouchVia::Load,
+    )
+    .unwrap();
+    assert_eq!(h.access_log().unwrap(), working_set.to_vec());
+    h.close();
+
+    // Replay: the working set is prefetched first, then everything else.
+    let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
+    let h = Handler::new(
+        vec![memory.clone()],
+        Arc::new(MemorySource::from_vec(bytes.clone())),
+        &PoisonSet::new(4096).unwrap(),
+        HandlerConfig {
+            mode: Mode::Missing,
+            prefetch: true,
+        },
+    )
+    .unwrap();
+    let ranges: Vec<(u64, u64)> = working_set.iter().map(|&g| (g, 4096)).collect();
+    assert!(
+        h.set_prefetch_order(&[(pages * 4096, 4096)]).is_err(),
+        "outside guest memory"
+    );
+    h.set_prefetch_order(&ranges).unwrap();
+    h.start().unwrap();
+    assert!(h.wait(Some(Duration::from_secs(10))).unwrap());
+    let stats = h.stats();
+    assert_eq!(stats.pages_prefetched_planned, working_set.len() as u64);
+    assert_eq!(stats.pages_prefetched, pages);
+    let report = touch(&memory, None, 1, TouchOrder::Sequential, TouchVia::Load).unwrap();
+    for (gpa, outcome) in report.outcomes {
+        let page = &bytes[gpa as usize..(gpa + 4096) as usize];
+        assert_eq!(outcome, PageOutcome::Data(checksum(page)));
+    }
+    h.close();
+}

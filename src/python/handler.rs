@@ -182,6 +182,28 @@ pub struct Handler {
     inner: CoreHandler,
 }
 
+/// `prefetch_order`: guest addresses (one page each) or `(guest_address, length)` pairs.
+fn ranges_of(order: &Bound<'_, PyAny>) -> PyResult<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    for item in order.try_iter()? {
+        let item = item?;
+        if let Ok(address) = item.extract::<u64>() {
+            out.push((address, 1));
+        } else if let Ok(pair) = item.extract::<(u64, u64)>() {
+            out.push(pair);
+        } else {
+            return Err(Error::GuestAddress(format!(
+                "prefetch_order items are guest addresses or (guest_address, length) pairs, not {}",
+                item.repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| "?".into())
+            )))
+            .py_err();
+        }
+    }
+    Ok(out)
+}
+
 fn check_timeout(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
@@ -208,7 +230,7 @@ impl Handler {
     /// until `start()`.
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None))]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
@@ -218,7 +240,10 @@ impl Handler {
         prefetch: bool,
         poison_journal: Option<PathBuf>,
         uffd: Option<i32>,
+        prefetch_order: Option<&Bound<'_, PyAny>>,
+        record_access: bool,
     ) -> PyResult<Self> {
+        let order = prefetch_order.map(ranges_of).transpose()?;
         let uffd = match uffd {
             None => None,
             Some(raw) => {
@@ -268,7 +293,21 @@ impl Handler {
                 1,
             )?;
         }
+        if let Some(order) = order {
+            inner.set_prefetch_order(&order).py_err()?;
+        }
+        if record_access {
+            inner.record_accesses().py_err()?;
+        }
         Ok(Self { inner })
+    }
+
+    /// Guest addresses of the pages faulted in so far, in the order of their first fault
+    /// (prefetched pages are not faults): this run's working set. Pass it as
+    /// `prefetch_order=` to the next restore's Handler to bring it in first. Needs
+    /// `record_access=True`.
+    fn access_log(&self) -> PyResult<Vec<u64>> {
+        self.inner.access_log().py_err()
     }
 
     /// Starts the event loop on a native thread; returns at once.
