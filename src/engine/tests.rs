@@ -37,6 +37,20 @@ fn image(size: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A MISSING-mode handler serving `bytes` into `memory`, without poison.
+fn missing_mode_handler(memory: &Arc<GuestMemory>, bytes: &[u8], prefetch: bool) -> Handler {
+    Handler::new(
+        vec![memory.clone()],
+        Arc::new(MemorySource::from_vec(bytes.to_vec())),
+        &PoisonSet::new(4096).unwrap(),
+        HandlerConfig {
+            mode: Mode::Missing,
+            prefetch,
+        },
+    )
+    .unwrap()
+}
+
 fn run(mode: Mode, prefetch: bool, memory: GuestMemory, source_bytes: &[u8], poisoned: &[u64]) {
     let ps = memory.page_size();
     let memory = Arc::new(memory);
@@ -149,16 +163,7 @@ fn close_fences_missing_pages_instead_of_leaving_zeros() {
     }
     let memory = Arc::new(GuestMemory::anonymous(8 * 4096, 0).unwrap());
     let bytes = image(8 * 4096, 3);
-    let h = Handler::new(
-        vec![memory.clone()],
-        Arc::new(MemorySource::from_vec(bytes.clone())),
-        &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Missing,
-            prefetch: false,
-        },
-    )
-    .unwrap();
+    let h = missing_mode_handler(&memory, &bytes, false);
     h.start().unwrap();
     let report = touch(
         &memory,
@@ -231,16 +236,7 @@ fn access_log_records_first_faults_and_replays_as_prefetch_order() {
 
     // Replay: the working set is prefetched first, then everything else.
     let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
-    let h = Handler::new(
-        vec![memory.clone()],
-        Arc::new(MemorySource::from_vec(bytes.clone())),
-        &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Missing,
-            prefetch: true,
-        },
-    )
-    .unwrap();
+    let h = missing_mode_handler(&memory, &bytes, true);
     let ranges: Vec<(u64, u64)> = working_set.iter().map(|&g| (g, 4096)).collect();
     assert!(
         h.set_prefetch_order(&[(pages * 4096, 4096)]).is_err(),
