@@ -359,6 +359,7 @@ impl Handler {
             d.set_item(name, value)?;
         }
         d.set_item("latency_ns_avg", s.latency_ns_avg())?;
+        d.set_item("latency_ns_total", s.latency_ns_total)?;
         d.set_item(
             "latency_dist_us_log2",
             PyList::new(py, s.latency_dist_us_log2)?,
