@@ -1,6 +1,6 @@
 """Type stubs for pagewarden's native core (``pagewarden._native``)."""
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
@@ -246,6 +246,12 @@ class Handler:
         """Starts the native event loop; returns at once."""
     def wait(self, timeout: float | None = None) -> bool:
         """True once every page is resolved; False on timeout; raises the first fatal error."""
+    def fileno(self) -> int:
+        """Readable when the handler completes, fails or stops (for add_reader/selectors)."""
+    def process_events(self) -> bool:
+        """Non-blocking: True once every page is resolved; raises the first fatal error."""
+    def wait_async(self, timeout: float | None = None) -> Coroutine[Any, Any, bool]:
+        """``wait()`` for asyncio, driven by ``add_reader`` on ``fileno()``."""
     def check(self) -> None:
         """Raises the handler's first fatal error, if any."""
     def stats(self) -> dict[str, Any]:
@@ -274,4 +280,4 @@ class Handler:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool: ...
+    ) -> Literal[False]: ...

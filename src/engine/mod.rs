@@ -106,6 +106,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) stop: AtomicBool,
     pub(crate) stop_event: EventFd,
+    /// Readable when waiters should look again (completion, failure, exit): for event loops of
+    /// the embedding program (asyncio's add_reader, selectors).
+    pub(crate) notify_event: EventFd,
     /// A zero huge page to copy from on hugetlb, which has no ZEROPAGE (allocated once).
     pub(crate) zero_page: Vec<u8>,
     /// The poison the handler was given, kept as given (page size and all).
@@ -160,6 +163,7 @@ impl Shared {
     pub(crate) fn notify(&self) {
         let _guard = self.status();
         self.cond.notify_all();
+        let _ = self.notify_event.write(1);
     }
 
     /// Records the first fatal error; later ones are dropped (the first is the cause).
@@ -169,11 +173,13 @@ impl Shared {
             status.failure = Some(error);
         }
         self.cond.notify_all();
+        let _ = self.notify_event.write(1);
     }
 
     fn set_exited(&self) {
         self.status().exited = true;
         self.cond.notify_all();
+        let _ = self.notify_event.write(1);
     }
 
     /// Poisons every page still Missing (fail-stop on close or after a fatal error): from then
@@ -542,6 +548,11 @@ impl Handler {
             stats,
             stop: AtomicBool::new(false),
             stop_event,
+            notify_event: EventFd::from_value_and_flags(
+                0,
+                EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK,
+            )
+            .map_err(|e| Error::os("eventfd", e))?,
             zero_page: vec![0u8; max_page as usize],
             initial_poison: poison.clone(),
             handed_over,
@@ -679,6 +690,20 @@ impl Handler {
                 }
             }
         }
+    }
+
+    /// A descriptor that becomes readable when the handler completes, fails or stops: for the
+    /// embedding program's event loop. Drain it with [`process_events`](Self::process_events).
+    pub fn notify_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.shared.notify_event.as_fd()
+    }
+
+    /// Non-blocking: drains the notification descriptor and says whether every page is resolved;
+    /// the first fatal error is returned as an error, a stopped loop as HandlerClosed.
+    pub fn process_events(&self) -> Result<bool> {
+        let _ = self.shared.notify_event.read();
+        self.wait(Some(Duration::ZERO))
     }
 
     /// A snapshot of the counters.

@@ -340,6 +340,33 @@ impl Handler {
         }
     }
 
+    /// A descriptor that becomes readable when the handler completes, fails or stops, for an
+    /// event loop of the embedding program (`loop.add_reader(handler.fileno(), ...)`,
+    /// selectors); call `process_events()` when it is.
+    fn fileno(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.inner.notify_fd().as_raw_fd()
+    }
+
+    /// Non-blocking: consumes the notification and returns True once every page is resolved;
+    /// raises the handler's first fatal error, or HandlerClosedError if it stopped.
+    fn process_events(&self) -> PyResult<bool> {
+        self.inner.process_events().py_err()
+    }
+
+    /// `await handler.wait_async(timeout)`: `wait()` for asyncio, driven by `add_reader` on
+    /// `fileno()` (no thread blocks). True once every page is resolved, False on timeout.
+    #[pyo3(signature = (timeout = None))]
+    fn wait_async<'py>(
+        slf: &Bound<'py, Self>,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        check_timeout(timeout)?;
+        slf.py()
+            .import("pagewarden._aio")?
+            .call_method1("wait_async", (slf, timeout))
+    }
+
     /// Raises the handler's first fatal error, if any; otherwise returns None.
     fn check(&self) -> PyResult<()> {
         match self.inner.failure() {
