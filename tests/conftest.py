@@ -30,14 +30,31 @@ MiB = 1 << 20
 #: Huge pages one hugetlb test may use at most (16 MiB).
 HUGE_PAGES_PER_TEST = 8
 
-#: (kind, mode) pairs the kernel allows, hugetlb ones marked; for tests that cover them all.
-KIND_MODES = [
-    ("anon", "missing"),
-    ("shmem", "missing"),
-    ("shmem", "minor"),
-    pytest.param("hugetlb", "missing", marks=pytest.mark.hugetlb),
-    pytest.param("hugetlb", "minor", marks=pytest.mark.hugetlb),
-]
+
+def kind_modes(*exclude: tuple[str, str]) -> list[object]:
+    """The (kind, mode) pairs the kernel allows (anonymous memory has no MINOR mode) as pytest
+    parameters, hugetlb ones marked; ``exclude`` leaves pairs out."""
+    pairs = [
+        ("anon", "missing"),
+        ("shmem", "missing"),
+        ("shmem", "minor"),
+        ("hugetlb", "missing"),
+        ("hugetlb", "minor"),
+    ]
+    return [
+        pytest.param(
+            kind,
+            mode,
+            id=f"{kind}-{mode}",
+            marks=(pytest.mark.hugetlb,) if kind == "hugetlb" else (),
+        )
+        for kind, mode in pairs
+        if (kind, mode) not in exclude
+    ]
+
+
+#: Every (kind, mode) pair the kernel allows; for tests that cover them all.
+KIND_MODES = kind_modes()
 
 #: si_code values a SIGBUS from a poison marker may carry: BUS_ADRERR without
 #: CONFIG_MEMORY_FAILURE, BUS_MCEERR_AR with it.

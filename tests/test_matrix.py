@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from conftest import (
     HUGE_PAGE,
+    KIND_MODES,
     MiB,
     Mode,
     make_image,
@@ -22,14 +23,6 @@ from conftest import (
 import pagewarden as pw
 
 pytestmark = pytest.mark.usefixtures("uffd")
-
-HUGETLB = (pytest.mark.hugetlb,)
-VALID_MODES = [
-    pytest.param(kind, mode, id=f"{kind}-{mode}", marks=HUGETLB if kind == "hugetlb" else ())
-    for kind in ("anon", "shmem", "hugetlb")
-    for mode in ("missing", "minor")
-    if not (kind == "anon" and mode == "minor")
-]
 
 
 def size_of(kind: str) -> int:
@@ -50,7 +43,7 @@ def make_source(kind: str, image: bytes, tmp_path: Path) -> pw.FileSource | pw.M
 
 @pytest.mark.parametrize("source_kind", ["memory", "file"])
 @pytest.mark.parametrize("prefetch", [False, True], ids=["noprefetch", "prefetch"])
-@pytest.mark.parametrize(("kind", "mode"), VALID_MODES)
+@pytest.mark.parametrize(("kind", "mode"), KIND_MODES)
 def test_serve_matrix(
     kind: str, mode: Mode, prefetch: bool, source_kind: str, tmp_path: Path
 ) -> None:

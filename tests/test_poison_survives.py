@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 from conftest import (
+    KIND_MODES,
     MADV_DONTNEED,
     MiB,
     Mode,
+    kind_modes,
     madvise,
     make_image,
     make_memory,
@@ -26,18 +28,6 @@ from conftest import (
 import pagewarden as pw
 
 pytestmark = pytest.mark.usefixtures("uffd")
-
-HUGETLB = (pytest.mark.hugetlb,)
-KIND_MODES = [
-    pytest.param(kind, mode, id=f"{kind}-{mode}", marks=HUGETLB if kind == "hugetlb" else ())
-    for kind, mode in [
-        ("anon", "missing"),
-        ("shmem", "missing"),
-        ("shmem", "minor"),
-        ("hugetlb", "missing"),
-        ("hugetlb", "minor"),
-    ]
-]
 
 
 def size_of(kind: str) -> int:
@@ -69,15 +59,7 @@ def test_poison_survives_prefetch_and_retouch(kind: str, mode: Mode) -> None:
     verify(mem, result, image, poisoned)
 
 
-DONTNEED_KINDS = [
-    pytest.param(kind, mode, id=f"{kind}-{mode}", marks=HUGETLB if kind == "hugetlb" else ())
-    for kind, mode in [
-        ("anon", "missing"),
-        ("shmem", "missing"),
-        ("shmem", "minor"),
-        ("hugetlb", "missing"),
-    ]
-]
+DONTNEED_KINDS = kind_modes(("hugetlb", "minor"))
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["noprefetch", "prefetch"])

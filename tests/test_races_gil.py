@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 from conftest import (
+    KIND_MODES,
     MiB,
     Mode,
     make_image,
@@ -26,17 +27,6 @@ pytestmark = pytest.mark.usefixtures("uffd")
 
 T = TypeVar("T")
 
-HUGETLB = (pytest.mark.hugetlb,)
-KIND_MODES = [
-    pytest.param(kind, mode, id=f"{kind}-{mode}", marks=HUGETLB if kind == "hugetlb" else ())
-    for kind, mode in [
-        ("anon", "missing"),
-        ("shmem", "missing"),
-        ("shmem", "minor"),
-        ("hugetlb", "missing"),
-        ("hugetlb", "minor"),
-    ]
-]
 JOIN_TIMEOUT = 60.0
 
 

@@ -319,29 +319,40 @@ def serve(
             os.unlink(socket_path)
 
 
+def _fail_stop(handler: pw.Handler, peer: PeerCredentials, kill: bool) -> None:
+    """Raises the handler's fatal error, if it has one, after killing the peer (when asked)."""
+    try:
+        handler.check()
+    except pw.PagewardenError:
+        if kill:
+            _kill(peer.pid)
+        raise
+
+
 def _run_until_peer_exits(handler: pw.Handler, peer: PeerCredentials, kill: bool) -> None:
     try:
-        pidfd: int | None = os.pidfd_open(peer.pid)
+        pidfd = os.pidfd_open(peer.pid)
     except OSError:
-        pidfd = None  # old kernel or the peer is already gone: poll with kill(pid, 0)
-    try:
+        # Old kernel, or the peer is already gone: poll with kill(pid, 0).
         while True:
+            _fail_stop(handler, peer, kill)
             try:
-                handler.check()
+                os.kill(peer.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    try:
+        # Sleep until the peer exits or the handler signals (completion, failure, stop).
+        watched = [pidfd, handler.fileno()]
+        while True:
+            ready, _, _ = select.select(watched, [], [])
+            if pidfd in ready:
+                return
+            try:
+                handler.process_events()
             except pw.PagewardenError:
-                if kill:
-                    _kill(peer.pid)
-                raise
-            if pidfd is not None:
-                ready, _, _ = select.select([pidfd], [], [], 0.2)
-                if ready:
-                    return
-            else:
-                try:
-                    os.kill(peer.pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.2)
+                _fail_stop(handler, peer, kill)
+                # No fatal error: the loop stopped because the peer's memory is going away.
+                watched = [pidfd]
     finally:
-        if pidfd is not None:
-            os.close(pidfd)
+        os.close(pidfd)

@@ -45,16 +45,16 @@ def parse_text(text: str, path: str | os.PathLike[str], page_size: int) -> pw.Po
 def load_any(path: str | os.PathLike[str], page_size: int = 4096) -> tuple[pw.PoisonSet, str]:
     """Loads a JSON poison file, a journal or a text list; returns the set and the form's name."""
     try:
-        head = Path(path).read_bytes()[:64]
+        data = Path(path).read_bytes()
     except OSError as e:
         raise _text_error(path, e.strerror or str(e)) from None
-    stripped = head.lstrip()
-    if stripped.startswith(b"{"):
+    # JSON files and journals are parsed (with their own error messages) by PoisonSet.load.
+    if data.lstrip().startswith(b"{"):
         return pw.PoisonSet.load(path), "json"
-    if head.startswith(b"pagewarden-poison-journal"):
+    if data.startswith(b"pagewarden-poison-journal"):
         return pw.PoisonSet.load(path), "journal"
     try:
-        text = Path(path).read_text()
+        text = data.decode()
     except UnicodeDecodeError:
         raise _text_error(path, "neither JSON, a journal, nor a text list of addresses") from None
     return parse_text(text, path, page_size), "text"

@@ -719,30 +719,22 @@ impl Handler {
     /// (a poisoned huge page counts all the small pages inside it).
     pub fn poison_set(&self) -> PoisonSet {
         let initial = &self.shared.initial_poison;
-        let page_size = initial.page_size();
         let mut set = initial.clone();
         for region in &self.shared.regions {
-            let pages = region.states.len();
-            let mut i = 0;
-            while i < pages {
-                if region.states.get(i) != PageState::Poisoned {
-                    i += 1;
-                    continue;
+            let mut found = PoisonSet::new(region.page_size).expect("valid page size");
+            for i in 0..region.states.len() {
+                let gpa = region.guest_address_of_page(i);
+                if region.states.get(i) == PageState::Poisoned
+                    && !initial.intersects(gpa, region.page_size)
+                {
+                    found.add(gpa).expect("aligned page");
                 }
-                let first = i;
-                while i < pages && region.states.get(i) == PageState::Poisoned {
-                    i += 1;
-                }
-                for k in first..i {
-                    let gpa = region.guest_address_of_page(k);
-                    if initial.intersects(gpa, region.page_size) {
-                        continue;
-                    }
-                    let small = page_size.min(region.page_size);
-                    let mut page = PoisonSet::new(small).expect("valid page size");
-                    page.add_range(gpa, region.page_size).expect("aligned page");
-                    set = set.union(&page.with_page_size(page_size).expect("valid page size"));
-                }
+            }
+            if !found.is_empty() {
+                let found = found
+                    .with_page_size(initial.page_size())
+                    .expect("valid page size");
+                set = set.union(&found);
             }
         }
         set
