@@ -41,6 +41,10 @@ pub enum Error {
     #[error("{0}")]
     Config(String),
 
+    /// A peer broke the wire protocol (bad magic, version, token, frame or range).
+    #[error("{0}")]
+    Protocol(String),
+
     /// A system call failed where no more specific error applies.
     #[error("{op} failed: {errno}")]
     Os {
@@ -69,6 +73,7 @@ impl Error {
             Error::HandlerClosed(_) => Errno::EBADF,
             Error::GuestAddress(_) => Errno::EFAULT,
             Error::Config(_) => Errno::EINVAL,
+            Error::Protocol(_) => Errno::EPROTO,
             Error::Os { errno, .. } => *errno,
         }
     }
