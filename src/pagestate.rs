@@ -21,6 +21,12 @@ pub enum PageState {
     /// Poisoned by the handler's fail-stop (source gone, fatal error, closed early) so that no
     /// thread waits forever or reads zeros. Not hardware poison. Terminal.
     Fenced = 5,
+    /// Asked of an asynchronous source by background prefetch; its answer resolves it. A fault
+    /// on it asks again on the urgent path.
+    Requested = 6,
+    /// Asked of an asynchronous source for a fault (a thread is blocked on it); its answer
+    /// resolves it and wakes the thread.
+    Urgent = 7,
 }
 
 impl PageState {
@@ -31,13 +37,18 @@ impl PageState {
             2 => PageState::Present,
             3 => PageState::Poisoned,
             4 => PageState::Removed,
-            _ => PageState::Fenced,
+            5 => PageState::Fenced,
+            6 => PageState::Requested,
+            _ => PageState::Urgent,
         }
     }
 
     /// True when the page needs nothing more from the source.
     pub fn is_resolved(self) -> bool {
-        !matches!(self, PageState::Missing | PageState::InFlight)
+        !matches!(
+            self,
+            PageState::Missing | PageState::InFlight | PageState::Requested | PageState::Urgent
+        )
     }
 
     /// Whether `self -> to` is a legal transition.
@@ -59,6 +70,15 @@ impl PageState {
             // A page that was mapped without us (present before registration; EEXIST).
             (Missing, Present) | (Removed, Present) => true,
             (Missing, Fenced) | (InFlight, Fenced) => true,
+            // Asynchronous sources: a claimed page is asked for (background or urgent), a
+            // background request is escalated by a fault, and the answer claims it again.
+            (InFlight, Requested) | (InFlight, Urgent) | (Requested, Urgent) => true,
+            (Requested, InFlight) | (Urgent, InFlight) => true,
+            (Requested, Poisoned) | (Urgent, Poisoned) => true,
+            (Requested, Fenced) | (Urgent, Fenced) => true,
+            // Dropped by the guest (private memory) while its request was out: the answer is
+            // discarded and the page reads zero.
+            (Requested, Removed) | (Urgent, Removed) => true,
             _ => false,
         }
     }
@@ -178,7 +198,9 @@ mod tests {
     use super::PageState::*;
     use super::*;
 
-    const ALL: [PageState; 6] = [Missing, InFlight, Present, Poisoned, Removed, Fenced];
+    const ALL: [PageState; 8] = [
+        Missing, InFlight, Present, Poisoned, Removed, Fenced, Requested, Urgent,
+    ];
 
     #[test]
     fn poison_and_fences_are_terminal() {
@@ -186,6 +208,26 @@ mod tests {
             assert!(!Poisoned.can_become(to), "Poisoned -> {to:?}");
             assert_eq!(Fenced.can_become(to), to == Poisoned, "Fenced -> {to:?}");
         }
+    }
+
+    #[test]
+    fn states_round_trip_through_their_byte() {
+        for s in ALL {
+            assert_eq!(PageState::from_u8(s as u8), s);
+        }
+    }
+
+    #[test]
+    fn a_requested_page_is_unresolved_until_answered() {
+        let states = PageStates::new(1);
+        assert_eq!(states.claim(0), Ok(Missing));
+        assert!(states.transition_from(0, InFlight, Requested));
+        assert!(states.transition_from(0, Requested, Urgent));
+        assert_eq!(states.resolved(), 0);
+        assert_eq!(states.claim(0), Err(Urgent));
+        assert!(states.transition_from(0, Urgent, InFlight));
+        assert!(states.transition_from(0, InFlight, Present));
+        assert_eq!(states.resolved(), 1);
     }
 
     #[test]

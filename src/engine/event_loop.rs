@@ -17,7 +17,7 @@ use super::{Mode, Region, Shared, Stats};
 use crate::error::{Error, Result};
 use crate::memory::MemoryKind;
 use crate::pagestate::PageState;
-use crate::source::PageData;
+use crate::source::{Completion, PageData};
 use crate::sys::{UffdEvent, UffdMsg, UFFD_PAGEFAULT_FLAG_MINOR};
 use crate::uffd::Partial;
 
@@ -52,6 +52,8 @@ enum Outcome {
     Done,
     /// An event is queued (EAGAIN) or the process is going away: try again later.
     Again,
+    /// Asked of an asynchronous source: its answer resolves the page and wakes the thread.
+    Parked,
 }
 
 /// Runs the loop until the stop flag is set; a panic or fatal error turns it fail-stop.
@@ -102,6 +104,11 @@ struct EventLoop<'a> {
     /// Prefetch-first ranges (region, next page, end page), worked through before `cursor`.
     plan: Vec<(usize, usize, usize)>,
     plan_pos: usize,
+    /// The source answers asynchronously (through `drain`).
+    async_source: bool,
+    /// The asynchronous source has as much background work as it takes: no prefetch until it
+    /// answers something.
+    source_busy: bool,
 }
 
 impl<'a> EventLoop<'a> {
@@ -117,6 +124,12 @@ impl<'a> EventLoop<'a> {
                 EpollEvent::new(EpollFlags::EPOLLIN, 1),
             )
             .map_err(|e| Error::os("epoll_ctl(eventfd)", e))?;
+        let ready_fd = sh.source.ready_fd();
+        if let Some(fd) = ready_fd {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, 2))
+                .map_err(|e| Error::os("epoll_ctl(source)", e))?;
+        }
         Ok(Self {
             sh,
             epoll,
@@ -131,6 +144,8 @@ impl<'a> EventLoop<'a> {
             process_gone: false,
             plan: std::mem::take(&mut *sh.prefetch_plan.lock().unwrap_or_else(|e| e.into_inner())),
             plan_pos: 0,
+            async_source: ready_fd.is_some(),
+            source_busy: false,
         })
     }
 
@@ -140,14 +155,21 @@ impl<'a> EventLoop<'a> {
                 return Ok(());
             }
             let faults = self.service()?;
+            if self.async_source {
+                self.drain_source();
+            }
             if !self.retry.is_empty() {
                 // The kernel clears its "mmap changing" mark once the event we just read is
                 // acknowledged by the thread that raised it; give that thread the CPU.
                 std::thread::yield_now();
                 continue;
             }
-            if self.prefetching {
-                self.chunk = if faults > 0 {
+            if self.prefetching && !self.source_busy {
+                self.chunk = if self.async_source {
+                    // Background requests do not compete with faults here (they travel on
+                    // their own stream); the largest request keeps the pipe full.
+                    PREFETCH_MAX
+                } else if faults > 0 {
                     PREFETCH_MIN
                 } else {
                     (self.chunk * 2).min(PREFETCH_MAX)
@@ -158,7 +180,7 @@ impl<'a> EventLoop<'a> {
                 continue;
             }
             self.check_complete();
-            let mut events = [EpollEvent::empty(); 2];
+            let mut events = [EpollEvent::empty(); 3];
             match self.epoll.wait(&mut events, PollTimeout::NONE) {
                 Ok(_) | Err(Errno::EINTR) => {}
                 Err(e) => return Err(Error::os("epoll_wait", e)),
@@ -179,6 +201,20 @@ impl<'a> EventLoop<'a> {
             self.failed = true;
             self.prefetching = false;
             self.sh.set_failure(error);
+            if self.async_source {
+                // Threads blocked on pages asked of the source would wait for answers that the
+                // failed handler will not apply: fence them now.
+                for ri in 0..self.sh.regions.len() {
+                    for i in 0..self.sh.regions[ri].states.len() {
+                        if matches!(
+                            self.sh.regions[ri].states.get(i),
+                            PageState::Requested | PageState::Urgent
+                        ) {
+                            self.fence(ri, i);
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -256,6 +292,7 @@ impl<'a> EventLoop<'a> {
         let result = self.resolve_inner(fault);
         match result {
             Ok(Outcome::Done) => self.sh.stats.record_latency(fault.started.elapsed()),
+            Ok(Outcome::Parked) => {}
             Ok(Outcome::Again) => {
                 Stats::add(&self.sh.stats.eagain_retries, 1);
                 if !self.process_gone {
@@ -276,16 +313,53 @@ impl<'a> EventLoop<'a> {
         let minor_mode = sh.config.mode == Mode::Minor;
         match region.states.get(fault.index) {
             PageState::Poisoned | PageState::Fenced => self.poison_page(region, fault.index),
-            PageState::Missing if self.failed => {
+            PageState::Missing | PageState::Requested | PageState::Urgent if self.failed => {
                 self.fence(fault.region, fault.index);
                 Ok(Outcome::Done)
+            }
+            // Asked of the source for a fault already: its answer wakes this thread too.
+            PageState::Urgent => Ok(Outcome::Parked),
+            PageState::Requested => {
+                // Asked for by background prefetch: ask again on the urgent path, which
+                // overtakes the background stream; the first answer wins.
+                if !region.states.transition_from(
+                    fault.index,
+                    PageState::Requested,
+                    PageState::Urgent,
+                ) {
+                    return self.resolve_inner(fault);
+                }
+                let gpa = region.guest_address_of_page(fault.index);
+                match sh.source.fetch(gpa, region.page_size, true)? {
+                    PageData::Pending => Ok(Outcome::Parked),
+                    other => Err(Error::Source {
+                        source_name: sh.source.name(),
+                        guest_address: gpa,
+                        len: region.page_size,
+                        reason: format!("an asynchronous source answered {other:?} to a request"),
+                    }),
+                }
             }
             PageState::Missing => match region.states.claim(fault.index) {
                 Ok(prev) => {
                     let gpa = region.guest_address_of_page(fault.index);
-                    let fill = match sh.source.locate(gpa, region.page_size) {
+                    let fill = match sh.source.fetch(gpa, region.page_size, true) {
                         Ok(PageData::Address(a)) => Fill::Source(a),
                         Ok(PageData::Zero) => Fill::Zero,
+                        Ok(PageData::Pending) => {
+                            region.states.transition_from(
+                                fault.index,
+                                PageState::InFlight,
+                                PageState::Urgent,
+                            );
+                            return Ok(Outcome::Parked);
+                        }
+                        Ok(PageData::Busy) => {
+                            region
+                                .states
+                                .transition_from(fault.index, PageState::InFlight, prev);
+                            return Ok(Outcome::Again);
+                        }
                         Err(e) => {
                             region
                                 .states
@@ -562,6 +636,214 @@ impl<'a> EventLoop<'a> {
         }
     }
 
+    /// Applies every answer the asynchronous source has received so far.
+    fn drain_source(&mut self) {
+        let sh = self.sh;
+        sh.source.drain(&mut |c| {
+            self.source_busy = false;
+            self.complete(c);
+        });
+    }
+
+    fn complete(&mut self, c: Completion<'_>) {
+        match c {
+            Completion::Data {
+                guest_address,
+                bytes,
+                urgent_since,
+            } => self.complete_fill(
+                guest_address,
+                bytes.len() as u64,
+                Some(bytes.as_ptr() as u64),
+                urgent_since,
+            ),
+            Completion::Zero {
+                guest_address,
+                len,
+                urgent_since,
+            } => self.complete_fill(guest_address, len, None, urgent_since),
+            Completion::Poison { guest_address, len } => self.complete_poison(guest_address, len),
+            Completion::Failed { error, .. } => self.fail(error),
+        }
+    }
+
+    /// The region and first page of `[guest_address, +len)`, which must lie inside one region.
+    fn guest_range(&self, guest_address: u64, len: u64) -> Option<(usize, usize, usize)> {
+        self.sh.regions.iter().enumerate().find_map(|(ri, r)| {
+            r.memory.contains_guest(guest_address, len).then(|| {
+                let first = ((guest_address - r.memory.guest_address()) / r.page_size) as usize;
+                (ri, first, (len / r.page_size) as usize)
+            })
+        })
+    }
+
+    /// Fills the pages of an answered range that still need it (asked for, or missing), from
+    /// `src` (the answer's bytes) or with zeros. Pages resolved meanwhile (poisoned, removed,
+    /// present) keep their state; their waiters, if any, are woken to fault again.
+    fn complete_fill(
+        &mut self,
+        guest_address: u64,
+        len: u64,
+        src: Option<u64>,
+        urgent: Option<Instant>,
+    ) {
+        let Some((ri, first, n)) = self.guest_range(guest_address, len) else {
+            return;
+        };
+        if self.failed {
+            return;
+        }
+        for _attempt in 0..1000 {
+            match self.fill_answered(ri, first, n, src, urgent.is_none()) {
+                Ok(true) => {
+                    if let Some(since) = urgent {
+                        self.sh.stats.record_latency(since.elapsed());
+                    }
+                    return;
+                }
+                Ok(false) => {
+                    // EAGAIN: an event is queued. Read it (faults wait in the retry list) and
+                    // let the thread that raised it go on, then fill what is left.
+                    Stats::add(&self.sh.stats.eagain_retries, 1);
+                    self.absorb_messages();
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+        // Still refused: the pages went back to Missing; whoever faults on them asks again.
+        let region = &self.sh.regions[ri];
+        let _ = self.sh.uffd.wake(
+            region.start + first as u64 * region.page_size,
+            n as u64 * region.page_size,
+        );
+    }
+
+    /// One pass of [`complete_fill`](Self::complete_fill); false when an event got in the way.
+    fn fill_answered(
+        &mut self,
+        ri: usize,
+        first: usize,
+        n: usize,
+        src: Option<u64>,
+        background: bool,
+    ) -> Result<bool> {
+        let sh = self.sh;
+        let region = &sh.regions[ri];
+        let ps = region.page_size;
+        let mut skipped = false;
+        let mut k = first;
+        while k < first + n {
+            // Claim the longest run of pages that still need this answer.
+            let run = k;
+            while k < first + n {
+                let state = region.states.get(k);
+                let claimable = matches!(
+                    state,
+                    PageState::Requested | PageState::Urgent | PageState::Missing
+                );
+                if !claimable || !region.states.transition_from(k, state, PageState::InFlight) {
+                    break;
+                }
+                if state == PageState::Urgent {
+                    self.log_access(region.guest_address_of_page(k));
+                }
+                k += 1;
+            }
+            if k > run {
+                let fill = match src {
+                    Some(a) => Fill::Source(a + (run - first) as u64 * ps),
+                    None => Fill::Zero,
+                };
+                if self.fill_run(ri, run, k - run, fill, PageState::Missing, background)?
+                    == Outcome::Again
+                {
+                    return Ok(false);
+                }
+            }
+            if k < first + n {
+                skipped = true;
+                k += 1;
+            }
+        }
+        if skipped {
+            let _ = sh
+                .uffd
+                .wake(region.start + first as u64 * ps, n as u64 * ps);
+        }
+        Ok(true)
+    }
+
+    /// The source found `[guest_address, +len)` poisoned: every page not yet brought in becomes
+    /// poisoned here too (a page already present keeps the bytes it was sent before).
+    fn complete_poison(&mut self, guest_address: u64, len: u64) {
+        let Some((ri, first, n)) = self.guest_range(guest_address, len) else {
+            return;
+        };
+        let sh = self.sh;
+        let region = &sh.regions[ri];
+        for k in first..first + n {
+            let state = region.states.get(k);
+            if !matches!(
+                state,
+                PageState::Missing | PageState::Requested | PageState::Urgent | PageState::Removed
+            ) || !region.states.transition_from(k, state, PageState::Poisoned)
+            {
+                continue;
+            }
+            Stats::add(&sh.stats.pages_poisoned_source, 1);
+            for _attempt in 0..1000 {
+                match self.poison_page(region, k) {
+                    Ok(Outcome::Again) => {
+                        self.absorb_messages();
+                        std::thread::yield_now();
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        self.fail(e);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads queued messages without resolving faults: events are applied, faults wait in the
+    /// retry list (used while an answer is being applied and an event got in the way).
+    fn absorb_messages(&mut self) {
+        loop {
+            let n = match self.sh.uffd.read_messages(&mut self.messages) {
+                Ok(n) if n > 0 => n,
+                _ => return,
+            };
+            let now = Instant::now();
+            for i in 0..n {
+                match self.messages[i].decode() {
+                    UffdEvent::PageFault { flags, address, .. } => {
+                        Stats::add(&self.sh.stats.faults, 1);
+                        if let Some((region, index)) = self.locate(address) {
+                            self.retry.push(PendingFault {
+                                region,
+                                index,
+                                minor: flags & UFFD_PAGEFAULT_FLAG_MINOR != 0,
+                                started: now,
+                            });
+                        } else {
+                            self.fault(flags, address, now);
+                        }
+                    }
+                    event => self.event(event),
+                }
+            }
+            if n < MESSAGE_BATCH {
+                return;
+            }
+        }
+    }
+
     /// Appends a first-faulted page to the access log, when recording.
     fn log_access(&self, guest_address: u64) {
         if let Some(log) = self.sh.access_log.get() {
@@ -636,9 +918,29 @@ impl<'a> EventLoop<'a> {
                 continue;
             }
             let gpa = region.guest_address_of_page(i);
-            let fill = match sh.source.locate(gpa, n as u64 * region.page_size) {
+            let fill = match sh.source.fetch(gpa, n as u64 * region.page_size, false) {
                 Ok(PageData::Address(a)) => Fill::Source(a),
                 Ok(PageData::Zero) => Fill::Zero,
+                Ok(PageData::Pending) => {
+                    for k in i..i + n {
+                        region
+                            .states
+                            .transition_from(k, PageState::InFlight, PageState::Requested);
+                    }
+                    if planned {
+                        Stats::add(&sh.stats.pages_prefetched_planned, n as u64);
+                    }
+                    return Ok(Some(i + n));
+                }
+                Ok(PageData::Busy) => {
+                    for k in i..i + n {
+                        region
+                            .states
+                            .transition_from(k, PageState::InFlight, PageState::Missing);
+                    }
+                    self.source_busy = true;
+                    return Ok(Some(i));
+                }
                 Err(e) => {
                     for k in i..i + n {
                         region

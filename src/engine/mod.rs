@@ -188,17 +188,23 @@ impl Shared {
         for region in &self.regions {
             let pages = region.states.len();
             let mut i = 0;
+            let fence = |i: usize| {
+                let state = region.states.get(i);
+                matches!(
+                    state,
+                    PageState::Missing | PageState::Requested | PageState::Urgent
+                ) && region.states.transition_from(i, state, PageState::Fenced)
+            };
             while i < pages {
-                if region.states.get(i) != PageState::Missing {
+                if !matches!(
+                    region.states.get(i),
+                    PageState::Missing | PageState::Requested | PageState::Urgent
+                ) {
                     i += 1;
                     continue;
                 }
                 let first = i;
-                while i < pages
-                    && region
-                        .states
-                        .transition_from(i, PageState::Missing, PageState::Fenced)
-                {
+                while i < pages && fence(i) {
                     i += 1;
                 }
                 let count = (i - first) as u64;
@@ -362,7 +368,17 @@ impl Handler {
             }
             None => (None, PoisonSet::new(poison.page_size())?, None),
         };
-        let merged = poison.union(&journaled);
+        let mut merged = poison.union(&journaled);
+        // Poison the source announced up front (a page server sends its set in the handshake)
+        // travels on with this handler's set.
+        let from_source = source.known_poison();
+        if !from_source.is_empty() {
+            let mut set = PoisonSet::new(source.granule().unwrap_or(poison.page_size()))?;
+            for (start, len) in from_source {
+                set.add_range(start, len)?;
+            }
+            merged = merged.union(&set);
+        }
         let poison = &merged;
         if memories.is_empty() {
             return Err(Error::Config(
@@ -393,6 +409,17 @@ impl Handler {
                      this region is {} memory: use mode \"missing\"",
                     m.kind().name()
                 )));
+            }
+            if let Some(granule) = source.granule() {
+                if m.page_size() % granule != 0 {
+                    return Err(Error::Config(format!(
+                        "guest memory at guest address {:#x} has {:#x}-byte pages but source {} \
+                         serves {granule:#x}-byte pages: the guest page size must be a multiple",
+                        m.guest_address(),
+                        m.page_size(),
+                        source.name()
+                    )));
+                }
             }
             let end = m.guest_address() + m.size();
             if let Some(size) = source.size() {

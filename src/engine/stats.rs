@@ -77,6 +77,8 @@ counters! {
     pages_poisoned,
     /// Pages poisoned at run time (`Handler::poison_range`, hardware errors).
     pages_poisoned_runtime,
+    /// Pages an asynchronous source reported poisoned after the start (found at the source).
+    pages_poisoned_source,
     /// Pages brought in by background prefetch rather than by a fault.
     pages_prefetched,
     /// Of those, pages brought in by the prefetch order given (a recorded working set).

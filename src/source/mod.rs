@@ -4,8 +4,9 @@
 
 use std::any::Any;
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::sys::mapping::Mapping;
@@ -17,9 +18,59 @@ pub enum PageData {
     Address(u64),
     /// All zero: resolved with UFFDIO_ZEROPAGE (or a zero huge page).
     Zero,
+    /// Asynchronous sources: asked for; the answer arrives through [`PageSource::drain`].
+    Pending,
+    /// Asynchronous sources: too much background work is in flight; ask again after the next
+    /// answer (never returned for urgent requests).
+    Busy,
+}
+
+/// An answer from an asynchronous source, for a range it was asked for (or pushed).
+#[derive(Debug)]
+pub enum Completion<'a> {
+    /// The bytes of `[guest_address, guest_address + bytes.len())`, valid during the call.
+    Data {
+        /// First guest address.
+        guest_address: u64,
+        /// The bytes.
+        bytes: &'a [u8],
+        /// When the urgent request this completes was sent (for fault latency), if it was one.
+        urgent_since: Option<Instant>,
+    },
+    /// The range is all zero.
+    Zero {
+        /// First guest address.
+        guest_address: u64,
+        /// Bytes.
+        len: u64,
+        /// As for `Data`.
+        urgent_since: Option<Instant>,
+    },
+    /// The range is poisoned at the source.
+    Poison {
+        /// First guest address.
+        guest_address: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// The source cannot produce the range (or at all, when `len` is 0): fail-stop unless a
+    /// policy decides otherwise.
+    Failed {
+        /// First guest address.
+        guest_address: u64,
+        /// Bytes (0: the whole source is gone).
+        len: u64,
+        /// Why.
+        error: Error,
+    },
 }
 
 /// A source of guest pages, named by guest address.
+///
+/// Local sources answer [`locate`](Self::locate) at once with an address to copy from.
+/// Asynchronous sources (a page server across the network) answer [`fetch`](Self::fetch) with
+/// [`PageData::Pending`] and deliver the bytes later through [`drain`](Self::drain), signalling
+/// [`ready_fd`](Self::ready_fd); the event loop keeps the page claimed meanwhile.
 pub trait PageSource: Send + Sync {
     /// A short description for error messages ("image /path", "memory buffer", ...).
     fn name(&self) -> String;
@@ -27,6 +78,29 @@ pub trait PageSource: Send + Sync {
     fn size(&self) -> Option<u64>;
     /// Locates `[guest_address, guest_address + len)`.
     fn locate(&self, guest_address: u64, len: u64) -> Result<PageData>;
+    /// Asks for `[guest_address, guest_address + len)`; `urgent` when a thread is blocked on it.
+    /// Local sources locate it at once.
+    fn fetch(&self, guest_address: u64, len: u64, urgent: bool) -> Result<PageData> {
+        let _ = urgent;
+        self.locate(guest_address, len)
+    }
+    /// Asynchronous sources: readable when [`drain`](Self::drain) has answers.
+    fn ready_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// Asynchronous sources: hands every answer received so far to `sink`, without blocking.
+    fn drain(&self, sink: &mut dyn FnMut(Completion<'_>)) {
+        let _ = sink;
+    }
+    /// The smallest unit the source serves (its page size), if it has one: guest memory pages
+    /// must be multiples of it.
+    fn granule(&self) -> Option<u64> {
+        None
+    }
+    /// Poison the source knows about up front, as (guest address, length) ranges.
+    fn known_poison(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
 }
 
 fn out_of_range(name: String, guest_address: u64, len: u64, size: u64) -> Error {

@@ -1,0 +1,690 @@
+//! The destination side: [`RemoteSource`], a [`PageSource`] that asks a page server for pages.
+//!
+//! Two connections per server, as QEMU's postcopy preempt channel has: the *urgent* one carries
+//! only requests for pages a thread is blocked on, the *bulk* one background prefetch, so a fault
+//! never queues behind megabytes of background data. The event loop's `fetch` writes a REQUEST
+//! frame and returns at once; one receiver thread per connection reads the answers, checks that
+//! each exactly continues the oldest outstanding request of its connection (anything else is a
+//! [`Error::Protocol`] and nothing of it reaches guest memory), queues them and signals an
+//! eventfd the loop polls. A supervisor thread reconnects with backoff when the server goes away
+//! and asks again for everything still outstanding; after `give_up_after` without a connection
+//! the handler is told to fail-stop. No page is ever answered with bytes the server did not send.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::protocol::{
+    client_handshake, expect_header, read_payload, read_text, write_frame, Geometry, Header, Kind,
+    Role, FLAG_URGENT, MAX_DATA,
+};
+use crate::error::{Error, Result};
+use crate::source::{Completion, PageData, PageSource};
+
+/// Settings of a [`RemoteSource`].
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// `host:port` of the page server.
+    pub address: String,
+    /// The shared token (empty only for an explicitly insecure loopback server).
+    pub token: Vec<u8>,
+    /// How long the server may stay unreachable before the handler fail-stops.
+    pub give_up_after: Duration,
+    /// Bytes of background requests in flight at most.
+    pub window: u64,
+    /// Timeout of one connection attempt (connect plus handshake).
+    pub connect_timeout: Duration,
+}
+
+impl RemoteConfig {
+    /// Defaults: give up after 30 s, 32 MiB of background requests in flight, 5 s per attempt.
+    pub fn new(address: impl Into<String>, token: Vec<u8>) -> Self {
+        Self {
+            address: address.into(),
+            token,
+            give_up_after: Duration::from_secs(30),
+            window: 32 << 20,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+macro_rules! remote_counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Counters of one [`RemoteSource`].
+        #[derive(Debug, Default)]
+        pub struct RemoteStats { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        impl RemoteStats {
+            /// (name, value) pairs.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+remote_counters! {
+    /// REQUEST frames sent for faults (urgent channel).
+    urgent_requests,
+    /// REQUEST frames sent for background prefetch (bulk channel).
+    bulk_requests,
+    /// Requests sent again after a reconnect.
+    requests_resent,
+    /// Bytes of page data received.
+    bytes_received,
+    /// Pages received as data, as zero, and as poison.
+    pages_data,
+    pages_zero,
+    pages_poison,
+    /// Successful reconnects after the server went away.
+    reconnects,
+    /// Failed connection attempts.
+    connect_failures,
+    /// 1 while connected, 0 while reconnecting.
+    connected,
+}
+
+#[derive(Debug)]
+struct Request {
+    guest_address: u64,
+    len: u64,
+    done: u64,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Channel {
+    requests: VecDeque<Request>,
+    stream: Option<TcpStream>,
+}
+
+#[derive(Default)]
+struct Channels {
+    /// Index 0: bulk, 1: urgent (`Role as usize`).
+    ch: [Channel; 2],
+    /// Bytes of background requests not yet answered.
+    bulk_in_flight: u64,
+}
+
+enum AnswerKind {
+    Data(Vec<u8>),
+    Zero(u64),
+    Poison(u64),
+    Failed(u64, Error),
+}
+
+struct Answer {
+    guest_address: u64,
+    kind: AnswerKind,
+    urgent_since: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Link {
+    /// A receiver saw the connection end.
+    lost: bool,
+    /// The last connection error, for the give-up message.
+    last_error: Option<String>,
+}
+
+struct Inner {
+    config: RemoteConfig,
+    geometry: Geometry,
+    ready: EventFd,
+    answers: Mutex<VecDeque<Answer>>,
+    pool: Mutex<Vec<Vec<u8>>>,
+    channels: Mutex<Channels>,
+    link: Mutex<Link>,
+    link_cond: Condvar,
+    stop: AtomicBool,
+    stats: RemoteStats,
+}
+
+const POOL_MAX: usize = 16;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A page source on another host, served by `pagewarden serve` / `pw.serve`.
+pub struct RemoteSource {
+    inner: Arc<Inner>,
+    poison: Vec<(u64, u64)>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RemoteSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSource")
+            .field("address", &self.inner.config.address)
+            .field("geometry", &self.inner.geometry)
+            .finish()
+    }
+}
+
+/// Both connections to a server, authenticated, and what it announced.
+type Connected = (Geometry, Vec<(u64, u64)>, [TcpStream; 2]);
+
+/// Opens both connections and runs the handshakes.
+fn connect(config: &RemoteConfig) -> Result<Connected> {
+    let addrs: Vec<_> = config
+        .address
+        .to_socket_addrs()
+        .map_err(|e| Error::Config(format!("page server address {:?}: {e}", config.address)))?
+        .collect();
+    let Some(addr) = addrs.first() else {
+        return Err(Error::Config(format!(
+            "page server address {:?} resolves to nothing",
+            config.address
+        )));
+    };
+    let open = |role: Role| -> Result<(TcpStream, super::protocol::ServerInfo)> {
+        let mut s = TcpStream::connect_timeout(addr, config.connect_timeout)
+            .map_err(|e| super::protocol::io_error("connecting to the page server", e))?;
+        let _ = s.set_nodelay(true);
+        s.set_read_timeout(Some(config.connect_timeout))
+            .and_then(|_| s.set_write_timeout(Some(config.connect_timeout)))
+            .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
+        let info = client_handshake(&mut s, &config.token, role)?;
+        s.set_read_timeout(None)
+            .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
+        Ok((s, info))
+    };
+    let (bulk, info) = open(Role::Bulk)?;
+    let (urgent, info2) = open(Role::Urgent)?;
+    if info2.geometry != info.geometry {
+        return Err(Error::Protocol(
+            "the page server announced different geometries on its two connections".into(),
+        ));
+    }
+    Ok((info.geometry, info.poison, [bulk, urgent]))
+}
+
+impl RemoteSource {
+    /// Connects to the page server (both channels, authenticated) and starts receiving. Fails
+    /// at once on a wrong token, an unreachable server or a server that breaks the protocol.
+    pub fn connect(config: RemoteConfig) -> Result<Self> {
+        let (geometry, poison, streams) = connect(&config)?;
+        let inner = Arc::new(Inner {
+            config,
+            geometry,
+            ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| Error::os("eventfd", e))?,
+            answers: Mutex::new(VecDeque::with_capacity(1024)),
+            pool: Mutex::new(Vec::new()),
+            channels: Mutex::new(Channels::default()),
+            link: Mutex::new(Link::default()),
+            link_cond: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stats: RemoteStats::default(),
+        });
+        {
+            let mut channels = lock(&inner.channels);
+            channels.ch[0].requests.reserve(4096);
+            channels.ch[1].requests.reserve(4096);
+        }
+        let receivers = inner.install(streams, &[])?;
+        let supervisor = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("pagewarden-remote".into())
+                .spawn(move || inner.supervise(receivers))
+                .map_err(|e| Error::os("spawning the remote source's thread", errno_of(&e)))?
+        };
+        Ok(Self {
+            inner,
+            poison,
+            supervisor: Mutex::new(Some(supervisor)),
+        })
+    }
+
+    /// The server's page size and memory size.
+    pub fn geometry(&self) -> Geometry {
+        self.inner.geometry
+    }
+
+    /// `host:port` of the server.
+    pub fn address(&self) -> &str {
+        &self.inner.config.address
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        self.inner.stats.snapshot()
+    }
+
+    /// Stops the threads and closes the connections. Idempotent; pages not yet received are
+    /// never answered (a handler still using this source fail-stops them on close).
+    pub fn close(&self) {
+        self.inner.stop.store(true, Ordering::Release);
+        self.inner.shutdown_streams();
+        {
+            let mut link = lock(&self.inner.link);
+            link.lost = true;
+            self.inner.link_cond.notify_all();
+        }
+        if let Some(t) = lock(&self.supervisor).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn errno_of(e: &std::io::Error) -> Errno {
+    e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+}
+
+impl Drop for RemoteSource {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Inner {
+    fn source_name(&self) -> String {
+        format!("page server {}", self.config.address)
+    }
+
+    fn push(&self, answer: Answer) {
+        lock(&self.answers).push_back(answer);
+        let _ = self.ready.write(1);
+    }
+
+    fn shutdown_streams(&self) {
+        let channels = lock(&self.channels);
+        for c in &channels.ch {
+            if let Some(s) = &c.stream {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Makes `streams` the live connections: asks again for everything outstanding, announces
+    /// poison the server knows (again), and starts one receiver per connection.
+    fn install(
+        self: &Arc<Self>,
+        streams: [TcpStream; 2],
+        poison: &[(u64, u64)],
+    ) -> Result<Vec<JoinHandle<()>>> {
+        let mut readers = Vec::with_capacity(2);
+        {
+            let mut channels = lock(&self.channels);
+            for (i, stream) in streams.into_iter().enumerate() {
+                let reader = stream
+                    .try_clone()
+                    .map_err(|e| super::protocol::io_error("cloning a socket", e))?;
+                let ch = &mut channels.ch[i];
+                let mut writer = stream;
+                for r in ch.requests.iter_mut() {
+                    // Only the unanswered rest is asked for again.
+                    r.guest_address += r.done;
+                    r.len -= r.done;
+                    r.done = 0;
+                    let mut h = Header::new(Kind::Request, r.guest_address, r.len);
+                    if i == Role::Urgent as usize {
+                        h.flags = FLAG_URGENT;
+                    }
+                    write_frame(&mut writer, &h, &[])?;
+                    self.stats.requests_resent.fetch_add(1, Ordering::Relaxed);
+                }
+                let _ = writer.flush();
+                ch.stream = Some(writer);
+                readers.push(reader);
+            }
+        }
+        for &(a, l) in poison {
+            self.push(Answer {
+                guest_address: a,
+                kind: AnswerKind::Poison(l),
+                urgent_since: None,
+            });
+        }
+        self.stats.connected.store(1, Ordering::Relaxed);
+        let mut threads = Vec::with_capacity(2);
+        for (i, reader) in readers.into_iter().enumerate() {
+            let inner = self.clone();
+            let name = if i == 0 {
+                "pagewarden-bulk"
+            } else {
+                "pagewarden-urgent"
+            };
+            threads.push(
+                std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || inner.receive(i, reader))
+                    .map_err(|e| Error::os("spawning a receiver thread", errno_of(&e)))?,
+            );
+        }
+        Ok(threads)
+    }
+
+    /// Reconnects whenever a receiver reports the connection lost, until stopped or given up.
+    fn supervise(self: Arc<Self>, mut receivers: Vec<JoinHandle<()>>) {
+        loop {
+            {
+                let mut link = lock(&self.link);
+                while !link.lost && !self.stop.load(Ordering::Acquire) {
+                    link = self.link_cond.wait(link).unwrap_or_else(|e| e.into_inner());
+                }
+                link.lost = false;
+            }
+            self.stats.connected.store(0, Ordering::Relaxed);
+            self.shutdown_streams();
+            for t in receivers.drain(..) {
+                let _ = t.join();
+            }
+            {
+                let mut channels = lock(&self.channels);
+                for c in channels.ch.iter_mut() {
+                    c.stream = None;
+                }
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let down_since = Instant::now();
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match connect(&self.config) {
+                    Ok((geometry, poison, streams)) if geometry == self.geometry => {
+                        match self.install(streams, &poison) {
+                            Ok(threads) => {
+                                receivers = threads;
+                                self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                            Err(e) => lock(&self.link).last_error = Some(e.to_string()),
+                        }
+                    }
+                    Ok((geometry, _, _)) => {
+                        self.push_failure(Error::Protocol(format!(
+                            "the page server came back serving other memory ({geometry:?} instead \
+                             of {:?})",
+                            self.geometry
+                        )));
+                        return;
+                    }
+                    Err(e @ Error::Protocol(_)) => {
+                        self.push_failure(e);
+                        return;
+                    }
+                    Err(e) => {
+                        self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                        lock(&self.link).last_error = Some(e.to_string());
+                    }
+                }
+                if down_since.elapsed() >= self.config.give_up_after {
+                    let last = lock(&self.link).last_error.clone().unwrap_or_default();
+                    self.push_failure(Error::Source {
+                        source_name: self.source_name(),
+                        guest_address: 0,
+                        len: 0,
+                        reason: format!(
+                            "unreachable for {:.1} s (give_up_after); last error: {last}",
+                            down_since.elapsed().as_secs_f64()
+                        ),
+                    });
+                    return;
+                }
+                // Sleep, but wake at once on close().
+                let link = lock(&self.link);
+                let _ = self
+                    .link_cond
+                    .wait_timeout_while(link, backoff, |_| !self.stop.load(Ordering::Acquire));
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+
+    fn push_failure(&self, error: Error) {
+        self.push(Answer {
+            guest_address: 0,
+            kind: AnswerKind::Failed(0, error),
+            urgent_since: None,
+        });
+    }
+
+    fn lost(&self, why: String) {
+        let mut link = lock(&self.link);
+        link.lost = true;
+        link.last_error = Some(why);
+        self.link_cond.notify_all();
+    }
+
+    /// One connection's receiver: reads answers until the connection ends.
+    fn receive(self: Arc<Self>, channel: usize, mut stream: TcpStream) {
+        match self.receive_frames(channel, &mut stream) {
+            Ok(()) => {}
+            Err(e @ Error::Protocol(_)) => {
+                // A server that breaks the protocol is not retried: fail-stop.
+                self.stop.store(true, Ordering::Release);
+                self.push_failure(e);
+                self.lost("protocol error".into());
+            }
+            Err(e) => self.lost(e.to_string()),
+        }
+    }
+
+    fn receive_frames(&self, channel: usize, stream: &mut TcpStream) -> Result<()> {
+        let g = self.geometry;
+        loop {
+            let h = expect_header(stream)?;
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if !matches!(
+                h.kind,
+                Kind::Data | Kind::Zero | Kind::Poison | Kind::Failed
+            ) {
+                return Err(Error::Protocol(format!(
+                    "the page server sent {:?} where an answer was expected",
+                    h.kind
+                )));
+            }
+            g.check(
+                &format!("{:?} answer", h.kind),
+                h.guest_address,
+                h.length,
+                MAX_DATA,
+            )?;
+            // The answer must continue the oldest outstanding request of this connection.
+            {
+                let channels = lock(&self.channels);
+                let front = channels.ch[channel].requests.front();
+                let ok = front.is_some_and(|r| {
+                    h.guest_address == r.guest_address + r.done && h.length <= r.len - r.done
+                });
+                if !ok {
+                    return Err(Error::Protocol(format!(
+                        "the page server answered guest range {:#x}+{:#x}, which does not continue \
+                         the oldest outstanding request ({})",
+                        h.guest_address,
+                        h.length,
+                        match front {
+                            Some(r) => format!("{:#x}+{:#x} at {:#x}", r.guest_address, r.len, r.done),
+                            None => "none".into(),
+                        }
+                    )));
+                }
+            }
+            let pages = h.length / g.page_size;
+            let kind = match h.kind {
+                Kind::Data => {
+                    let mut buf = lock(&self.pool).pop().unwrap_or_default();
+                    buf.resize(h.length as usize, 0);
+                    read_payload(stream, &mut buf)?;
+                    self.stats
+                        .bytes_received
+                        .fetch_add(h.length, Ordering::Relaxed);
+                    self.stats.pages_data.fetch_add(pages, Ordering::Relaxed);
+                    AnswerKind::Data(buf)
+                }
+                Kind::Zero => {
+                    self.stats.pages_zero.fetch_add(pages, Ordering::Relaxed);
+                    AnswerKind::Zero(h.length)
+                }
+                Kind::Poison => {
+                    self.stats.pages_poison.fetch_add(pages, Ordering::Relaxed);
+                    AnswerKind::Poison(h.length)
+                }
+                _ => {
+                    let reason = read_text(stream, &h)?;
+                    AnswerKind::Failed(
+                        h.length,
+                        Error::Source {
+                            source_name: self.source_name(),
+                            guest_address: h.guest_address,
+                            len: h.length,
+                            reason,
+                        },
+                    )
+                }
+            };
+            let urgent_since = {
+                let mut channels = lock(&self.channels);
+                let c = &mut channels.ch[channel];
+                let mut since = None;
+                let mut finished = 0;
+                if let Some(r) = c.requests.front_mut() {
+                    r.done += h.length;
+                    if r.done == r.len {
+                        since = Some(r.since);
+                        finished = r.len;
+                    }
+                }
+                if finished > 0 {
+                    c.requests.pop_front();
+                    if channel == Role::Bulk as usize {
+                        channels.bulk_in_flight -= finished;
+                    }
+                }
+                since.filter(|_| channel == Role::Urgent as usize)
+            };
+            self.push(Answer {
+                guest_address: h.guest_address,
+                kind,
+                urgent_since,
+            });
+        }
+    }
+}
+
+impl PageSource for RemoteSource {
+    fn name(&self) -> String {
+        self.inner.source_name()
+    }
+
+    fn size(&self) -> Option<u64> {
+        Some(self.inner.geometry.memory_size)
+    }
+
+    fn locate(&self, guest_address: u64, len: u64) -> Result<PageData> {
+        self.fetch(guest_address, len, true)
+    }
+
+    fn fetch(&self, guest_address: u64, len: u64, urgent: bool) -> Result<PageData> {
+        let inner = &self.inner;
+        inner
+            .geometry
+            .check("request", guest_address, len, MAX_DATA)
+            .map_err(|e| Error::Source {
+                source_name: inner.source_name(),
+                guest_address,
+                len,
+                reason: e.to_string(),
+            })?;
+        let role = if urgent { Role::Urgent } else { Role::Bulk };
+        let mut channels = lock(&inner.channels);
+        if !urgent {
+            if channels.bulk_in_flight > 0 && channels.bulk_in_flight + len > inner.config.window {
+                return Ok(PageData::Busy);
+            }
+            channels.bulk_in_flight += len;
+        }
+        let c = &mut channels.ch[role as usize];
+        c.requests.push_back(Request {
+            guest_address,
+            len,
+            done: 0,
+            since: Instant::now(),
+        });
+        if let Some(stream) = c.stream.as_mut() {
+            let mut h = Header::new(Kind::Request, guest_address, len);
+            if urgent {
+                h.flags = FLAG_URGENT;
+            }
+            if write_frame(stream, &h, &[]).is_err() {
+                // The receiver notices too; the request is asked again after the reconnect.
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+        let counter = if urgent {
+            &inner.stats.urgent_requests
+        } else {
+            &inner.stats.bulk_requests
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(PageData::Pending)
+    }
+
+    fn ready_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.inner.ready.as_fd())
+    }
+
+    fn drain(&self, sink: &mut dyn FnMut(Completion<'_>)) {
+        let inner = &self.inner;
+        let _ = inner.ready.read();
+        loop {
+            let Some(answer) = lock(&inner.answers).pop_front() else {
+                return;
+            };
+            let gpa = answer.guest_address;
+            match answer.kind {
+                AnswerKind::Data(buf) => {
+                    sink(Completion::Data {
+                        guest_address: gpa,
+                        bytes: &buf,
+                        urgent_since: answer.urgent_since,
+                    });
+                    let mut pool = lock(&inner.pool);
+                    if pool.len() < POOL_MAX {
+                        pool.push(buf);
+                    }
+                }
+                AnswerKind::Zero(len) => sink(Completion::Zero {
+                    guest_address: gpa,
+                    len,
+                    urgent_since: answer.urgent_since,
+                }),
+                AnswerKind::Poison(len) => sink(Completion::Poison {
+                    guest_address: gpa,
+                    len,
+                }),
+                AnswerKind::Failed(len, error) => sink(Completion::Failed {
+                    guest_address: gpa,
+                    len,
+                    error,
+                }),
+            }
+        }
+    }
+
+    fn granule(&self) -> Option<u64> {
+        Some(self.inner.geometry.page_size)
+    }
+
+    fn known_poison(&self) -> Vec<(u64, u64)> {
+        self.poison.clone()
+    }
+}
