@@ -225,13 +225,49 @@ class ZeroSource:
     def __new__(cls) -> Self: ...
 
 @final
+class RemoteSource:
+    """Pages from a page server on another host (``pagewarden serve``), for a Handler."""
+
+    def __new__(
+        cls,
+        address: str,
+        token: bytes | str | None = None,
+        *,
+        give_up_after: float = 30.0,
+        insecure_no_token: bool = False,
+        window: int = 33554432,
+    ) -> Self: ...
+    @property
+    def address(self) -> str:
+        """"host:port" of the server."""
+    @property
+    def page_size(self) -> int:
+        """The server's page size in bytes."""
+    @property
+    def memory_size(self) -> int:
+        """Bytes of guest memory the server serves, from guest address 0."""
+    def poison_set(self) -> PoisonSet:
+        """The poison the server announced when this source connected."""
+    def stats(self) -> dict[str, int]:
+        """Counters: requests, bytes and pages received, reconnects, connected."""
+    def close(self) -> None:
+        """Closes both connections and stops the source's threads. Idempotent."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]: ...
+
+@final
 class Handler:
     """Serves guest memory through userfaultfd, keeping poison poisoned."""
 
     def __new__(
         cls,
         memory: GuestMemory | Iterable[GuestMemory],
-        source: FileSource | MemorySource | ZeroSource,
+        source: FileSource | MemorySource | ZeroSource | RemoteSource,
         poison: PoisonSet | None = None,
         mode: Literal["missing", "minor"] = "missing",
         prefetch: bool = True,
@@ -260,7 +296,7 @@ class Handler:
         """Initial poison plus poison discovered during the run."""
     def page_state(
         self, guest_address: int
-    ) -> Literal["missing", "in_flight", "present", "poisoned", "removed", "fenced"] | None:
+    ) -> Literal["missing", "in_flight", "present", "poisoned", "removed", "fenced", "requested", "urgent"] | None:
         """The state of the page holding ``guest_address``."""
     def poison(self, guest_address: int) -> bool:
         """Poisons the page holding ``guest_address`` now; True if it was not poisoned yet."""

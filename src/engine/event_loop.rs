@@ -795,6 +795,9 @@ impl<'a> EventLoop<'a> {
                 continue;
             }
             Stats::add(&sh.stats.pages_poisoned_source, 1);
+            if let Some(journal) = sh.journal.get() {
+                journal.append(&[(region.guest_address_of_page(k), region.page_size)]);
+            }
             for _attempt in 0..1000 {
                 match self.poison_page(region, k) {
                     Ok(Outcome::Again) => {

@@ -121,6 +121,9 @@ pub(crate) struct Shared {
     pub(crate) access_len: AtomicUsize,
     /// Ranges to prefetch first, as (region, first page, end page); taken by the loop at start.
     pub(crate) prefetch_plan: Mutex<Vec<(usize, usize, usize)>>,
+    /// The poison journal, if any: poison found at the source is appended by the loop (queued
+    /// for the journal's writer thread; the loop never waits for the disk).
+    pub(crate) journal: OnceLock<Arc<Journal>>,
     status: Mutex<Status>,
     cond: Condvar,
 }
@@ -245,7 +248,7 @@ pub struct Handler {
     thread: Mutex<Option<JoinHandle<()>>>,
     started: AtomicBool,
     closed: AtomicBool,
-    journal: Option<Journal>,
+    journal: Option<Arc<Journal>>,
     journal_warning: Option<String>,
 }
 
@@ -468,7 +471,11 @@ impl Handler {
                 journal.record(&missing)?;
             }
         }
-        handler.journal = journal;
+        if let Some(journal) = journal {
+            let journal = Arc::new(journal);
+            let _ = handler.shared.journal.set(journal.clone());
+            handler.journal = Some(journal);
+        }
         handler.journal_warning = journal_warning;
         Ok(handler)
     }
@@ -586,6 +593,7 @@ impl Handler {
             access_log: OnceLock::new(),
             access_len: AtomicUsize::new(0),
             prefetch_plan: Mutex::new(Vec::new()),
+            journal: OnceLock::new(),
             status: Mutex::new(Status::default()),
             cond: Condvar::new(),
         };

@@ -134,8 +134,11 @@ fn source_of(obj: &Bound<'_, PyAny>) -> PyResult<Arc<dyn PageSource>> {
     if let Ok(s) = obj.cast::<ZeroSource>() {
         return Ok(s.get().inner.clone());
     }
+    if let Ok(s) = obj.cast::<super::remote::RemoteSource>() {
+        return Ok(s.get().source());
+    }
     Err(Error::Config(format!(
-        "source must be a FileSource, MemorySource or ZeroSource, not {}",
+        "source must be a FileSource, MemorySource, ZeroSource or RemoteSource, not {}",
         obj.get_type().name()?
     )))
     .py_err()
@@ -414,6 +417,8 @@ impl Handler {
             Poisoned => "poisoned",
             Removed => "removed",
             Fenced => "fenced",
+            Requested => "requested",
+            Urgent => "urgent",
         })
     }
 

@@ -8,6 +8,7 @@ mod handler;
 mod kvm;
 mod memory;
 mod poison;
+mod remote;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -83,6 +84,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handler::FileSource>()?;
     m.add_class::<handler::MemorySource>()?;
     m.add_class::<handler::ZeroSource>()?;
+    m.add_class::<remote::RemoteSource>()?;
     m.add_class::<handler::Handler>()?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;

@@ -1,0 +1,323 @@
+"""Remote post-copy: a page server in another process (``pagewarden serve``) and RemoteSource in a
+Handler, on real userfaultfd and loopback TCP: bytes, poison that travels host to host, a source
+that dies and comes back, and hostile servers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import wire
+from conftest import (
+    KIND_MODES,
+    MiB,
+    Mode,
+    make_image,
+    make_memory,
+    pages_of,
+    verify,
+)
+
+import pagewarden as pw
+
+pytestmark = pytest.mark.usefixtures("uffd")
+
+TOKEN = b"remote-test-token-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def page_server(
+    tmp_path: Path,
+    image: bytes | None,
+    poison: pw.PoisonSet | None = None,
+    listen: str = "127.0.0.1:0",
+    extra: list[str] | None = None,
+) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``pagewarden serve`` in its own process; yields (process, "host:port")."""
+    token_file = tmp_path / "token"
+    token_file.write_bytes(TOKEN + b"\n")
+    args = [sys.executable, "-m", "pagewarden", "serve"]
+    if image is not None:
+        img = tmp_path / "source.img"
+        if not img.exists():
+            img.write_bytes(image)
+        args.append(str(img))
+    if poison is not None:
+        pfile = tmp_path / "source-poison.json"
+        poison.save(pfile)
+        args += ["--poison", str(pfile)]
+    extra = extra or []
+    args += ["--listen", listen, *extra]
+    if "--insecure-no-token" not in extra:
+        args += ["--token-file", str(token_file)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        if not first.startswith("listening on "):
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            pytest.fail(f"pagewarden serve printed {first!r} first; stderr: {err}")
+        yield proc, first.removeprefix("listening on ")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def expected_poison(mem: pw.GuestMemory, small: list[int]) -> list[int]:
+    """The pages of ``mem`` that hold any of the 4 KiB pages in ``small``."""
+    ps = mem.page_size
+    return sorted({gpa - gpa % ps for gpa in small})
+
+
+@pytest.mark.parametrize(("kind", "mode"), KIND_MODES)
+def test_two_processes_bytes_and_poison(kind: str, mode: Mode, tmp_path: Path) -> None:
+    size = 8 * MiB
+    image = make_image(size, 41)
+    small = [0x3000, 0x20_5000, size - 4096]
+    poison = pw.PoisonSet(small, page_size=4096)
+    with page_server(tmp_path, image, poison) as (_, address):
+        mem = make_memory(kind, size)
+        with (
+            pw.RemoteSource(address, TOKEN) as source,
+            pw.Handler(mem, source, mode=mode, prefetch=True) as h,
+        ):
+            assert source.memory_size == size
+            assert source.poison_set() == poison
+            h.start()
+            result = mem.touch(threads=2, order="random", seed=5)
+            assert h.wait(timeout=60)
+            h.check()
+            want = expected_poison(mem, small)
+            verify(mem, result, image, want)
+            assert sorted(h.poison_set().with_page_size(mem.page_size)) == want
+            stats = source.stats()
+            assert stats["urgent_requests"] + stats["bulk_requests"] > 0
+            assert stats["bytes_received"] >= size - len(small) * 4096 - 8 * MiB // 2
+
+
+def test_three_hops_keep_poison_known_only_on_the_first(tmp_path: Path) -> None:
+    size = 4 * MiB
+    image = make_image(size, 43)
+    known_on_a = [0x1000, 0x10_0000, 0x3F_F000]
+    with page_server(tmp_path, image, pw.PoisonSet(known_on_a)) as (_, address_a):
+        # Hop A -> B: B's memory is served from A.
+        mem_b = pw.GuestMemory.anonymous(size)
+        source_b = pw.RemoteSource(address_a, TOKEN)
+        hb = pw.Handler(mem_b, source_b, prefetch=True)
+        hb.start()
+        assert hb.wait(timeout=60)
+        hb.check()
+        poison_b = hb.poison_set()
+        assert sorted(poison_b) == known_on_a
+        # Hop B -> C: B serves its memory and the poison it received, as the next source.
+        with pw.serve(mem_b, poison=poison_b, token=TOKEN) as server_b:
+            host, port = server_b.address
+            mem_c = pw.GuestMemory.anonymous(size)
+            with (
+                pw.RemoteSource(f"{host}:{port}", TOKEN) as source_c,
+                pw.Handler(mem_c, source_c, prefetch=True) as hc,
+            ):
+                hc.start()
+                result = mem_c.touch(threads=2, order="random", seed=9)
+                assert hc.wait(timeout=60)
+                hc.check()
+                verify(mem_c, result, image, known_on_a)
+                assert sorted(hc.poison_set()) == known_on_a
+        hb.close()
+        source_b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_source_killed_and_restarted_blocked_faults_complete(tmp_path: Path) -> None:
+    size = 4 * MiB
+    image = make_image(size, 47)
+    listen = f"127.0.0.1:{_free_port()}"
+    mem = pw.GuestMemory.anonymous(size)
+    pages = pages_of(mem)
+    first, rest = pages[:64], pages[64:]
+    with page_server(tmp_path, image, listen=listen) as (proc, address):
+        source = pw.RemoteSource(address, TOKEN, give_up_after=60)
+        h = pw.Handler(mem, source, prefetch=False)
+        h.start()
+        verify(mem, mem.touch(first), image, [], touched=first)
+        proc.kill()
+        proc.wait()
+    results: list[pw.TouchResult] = []
+    toucher = threading.Thread(target=lambda: results.append(mem.touch(rest, threads=2)))
+    toucher.start()
+    # The source is gone: the faults wait (no zeros, no failure) while it reconnects.
+    toucher.join(timeout=1.0)
+    assert toucher.is_alive(), "faults completed while the source was down"
+    h.check()
+    assert source.stats()["connected"] == 0
+    with page_server(tmp_path, image, listen=listen):
+        toucher.join(timeout=60)
+        assert not toucher.is_alive(), "faults still blocked after the source came back"
+    verify(mem, results[0], image, [], touched=rest)
+    verify(mem, mem.touch(), image, [])
+    stats = source.stats()
+    assert stats["reconnects"] >= 1 and stats["requests_resent"] >= 1, stats
+    h.check()
+    h.close()
+    source.close()
+
+
+def test_source_gone_for_good_fail_stops_after_give_up(tmp_path: Path) -> None:
+    size = 1 * MiB
+    image = make_image(size, 53)
+    with page_server(tmp_path, image) as (proc, address):
+        source = pw.RemoteSource(address, TOKEN, give_up_after=0.5)
+        h = pw.Handler(mem := pw.GuestMemory.anonymous(size), source, prefetch=False)
+        h.start()
+        proc.kill()
+        proc.wait()
+    t0 = time.monotonic()
+    result = mem.touch(pages_of(mem)[:4])
+    # Fenced, never zeros: every page SIGBUSes.
+    assert sorted(result.poisoned) == pages_of(mem)[:4]
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(pw.SourceError, match="unreachable"):
+        h.check()
+    h.close()
+    source.close()
+
+
+@contextlib.contextmanager
+def fake_server(behaviour: str, size: int = 1 * MiB) -> Iterator[str]:
+    """A page server that authenticates properly and then misbehaves."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                if behaviour == "garbage":
+                    conn.sendall(os.urandom(4096))
+                    conn.recv(1)
+                    return
+                wire.server_handshake(conn, TOKEN, 4096, size)
+                while not stop.is_set():
+                    f = wire.recv_frame(conn)
+                    if behaviour == "out_of_range":
+                        reply = wire.frame(wire.DATA, size, 4096, bytes(4096))
+                    elif behaviour == "wrong_length":
+                        reply = wire.frame(wire.DATA, f.guest_address, 4096, bytes(100))
+                    elif behaviour == "other_page":
+                        reply = wire.frame(
+                            wire.DATA, f.guest_address ^ 0x1000, 4096, b"\xee" * 4096
+                        )
+                    else:  # truncated
+                        reply = wire.frame(wire.DATA, f.guest_address, 4096, b"\xee" * 4096)[:2000]
+                    conn.sendall(reply)
+                    if behaviour == "truncated":
+                        return
+            except (OSError, AssertionError, PermissionError):
+                return
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        t.join()
+        listener.close()
+
+
+@pytest.mark.parametrize("behaviour", ["out_of_range", "wrong_length", "other_page"])
+def test_hostile_server_changes_nothing_in_guest_memory(behaviour: str) -> None:
+    size = 1 * MiB
+    with fake_server(behaviour, size) as address:
+        mem = pw.GuestMemory.anonymous(size)
+        with (
+            pw.RemoteSource(address, TOKEN, give_up_after=1) as source,
+            pw.Handler(mem, source, prefetch=False) as h,
+        ):
+            h.start()
+            result = mem.touch(pages_of(mem)[:8])
+            # Nothing the server sent was written: each page is fenced (SIGBUS), none holds the
+            # server's bytes or zeros.
+            assert sorted(result.poisoned) == pages_of(mem)[:8]
+            with pytest.raises(pw.ProtocolError):
+                h.check()
+
+
+def test_truncated_answer_is_a_lost_connection_not_data() -> None:
+    size = 1 * MiB
+    with fake_server("truncated", size) as address:
+        mem = pw.GuestMemory.anonymous(size)
+        with (
+            pw.RemoteSource(address, TOKEN, give_up_after=0.5) as source,
+            pw.Handler(mem, source, prefetch=False) as h,
+        ):
+            h.start()
+            result = mem.touch(pages_of(mem)[:2])
+            assert sorted(result.poisoned) == pages_of(mem)[:2]
+            with pytest.raises(pw.PagewardenError):
+                h.check()
+
+
+def test_garbage_server_is_refused_at_connect() -> None:
+    with fake_server("garbage") as address, pytest.raises(pw.ProtocolError):
+        pw.RemoteSource(address, TOKEN)
+
+
+def test_wrong_token_is_refused_at_connect(tmp_path: Path) -> None:
+    with (
+        page_server(tmp_path, bytes(64 * 1024)) as (_, address),
+        pytest.raises(pw.ProtocolError, match="token"),
+    ):
+        pw.RemoteSource(address, b"not-the-right-token-at-all")
+
+
+def test_token_rules() -> None:
+    with pytest.raises(pw.ConfigurationError, match="token is required"):
+        pw.RemoteSource("127.0.0.1:1")
+    with pytest.raises(pw.ConfigurationError, match="at least 16"):
+        pw.RemoteSource("127.0.0.1:1", b"short")
+    with pytest.raises(pw.ConfigurationError, match="loopback"):
+        pw.RemoteSource("192.0.2.1:1", insecure_no_token=True)
+
+
+def test_insecure_loopback_without_token(tmp_path: Path) -> None:
+    image = make_image(256 * 1024, 59)
+    with page_server(tmp_path, image, extra=["--insecure-no-token"]) as (_, address):
+        mem = pw.GuestMemory.anonymous(len(image))
+        with (
+            pw.RemoteSource(address, insecure_no_token=True) as source,
+            pw.Handler(mem, source) as h,
+        ):
+            h.start()
+            assert h.wait(timeout=30)
+            verify(mem, mem.touch(), image, [])
