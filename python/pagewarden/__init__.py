@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pagewarden._native import (
     ConfigurationError,
+    Engine,
     FileSource,
     GuestAddressError,
     GuestMemory,
@@ -34,6 +35,7 @@ from pagewarden._native import (
 
 __all__ = [
     "ConfigurationError",
+    "Engine",
     "FileSource",
     "GuestAddressError",
     "GuestMemory",

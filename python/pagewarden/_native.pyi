@@ -261,6 +261,27 @@ class RemoteSource:
     ) -> Literal[False]: ...
 
 @final
+class Engine:
+    """Native threads that run the event loops of many handlers (``Handler(..., engine=)``)."""
+
+    def __new__(cls, threads: int = 1) -> Self: ...
+    @property
+    def threads(self) -> int:
+        """Number of native threads."""
+    @property
+    def handlers(self) -> int:
+        """Handlers running on this engine now."""
+    def close(self) -> None:
+        """Lets the threads end once every handler on them is closed, and waits. Idempotent."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]: ...
+
+@final
 class Handler:
     """Serves guest memory through userfaultfd, keeping poison poisoned."""
 
@@ -275,11 +296,12 @@ class Handler:
         uffd: int | None = None,
         prefetch_order: Iterable[int | tuple[int, int]] | None = None,
         record_access: bool = False,
+        engine: Engine | None = None,
     ) -> Self: ...
     def access_log(self) -> list[int]:
         """Guest addresses in the order of their first fault (needs ``record_access=True``)."""
     def start(self) -> None:
-        """Starts the native event loop; returns at once."""
+        """Starts serving (on ``engine``, else on a native thread of its own); returns at once."""
     def wait(self, timeout: float | None = None) -> bool:
         """True once every page is resolved; False on timeout; raises the first fatal error."""
     def fileno(self) -> int:

@@ -5,13 +5,12 @@
 //! Nothing here allocates, locks or logs per fault.
 
 use std::os::fd::AsFd;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use nix::errno::Errno;
-use nix::poll::PollTimeout;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use super::{Mode, Region, Shared, Stats};
 use crate::error::{Error, Result};
@@ -56,42 +55,21 @@ enum Outcome {
     Parked,
 }
 
-/// Runs the loop until the stop flag is set; a panic or fatal error turns it fail-stop.
-pub(crate) fn run(shared: &Shared) {
-    let mut failed = false;
-    for _attempt in 0..2 {
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            let mut event_loop = EventLoop::new(shared, failed)?;
-            event_loop.run()
-        }));
-        match outcome {
-            Ok(Ok(())) => break,
-            Ok(Err(e)) => {
-                shared.set_failure(e);
-                break;
-            }
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                shared.set_failure(Error::HandlerClosed(format!(
-                    "pagewarden's event loop stopped after an internal error: {message}"
-                )));
-                // Keep serving faults fail-stop (fences) so that no thread hangs.
-                failed = true;
-            }
-        }
-    }
-    shared.fence_missing();
-    shared.unregister_all();
-    shared.notify();
+/// What one [`EventLoop::step`] left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Work is waiting (faults to retry, prefetch to do): step again without sleeping.
+    More,
+    /// Nothing to do until one of the loop's fds is readable.
+    Idle,
+    /// The handler is stopping (or its process is gone): finish it.
+    Finished,
 }
 
-struct EventLoop<'a> {
-    sh: &'a Shared,
-    epoll: Epoll,
+/// One handler's resolution state, stepped by an engine worker thread
+/// ([`super::worker`]); several loops can share one worker.
+pub(crate) struct EventLoop {
+    sh: Arc<Shared>,
     messages: [UffdMsg; MESSAGE_BATCH],
     retry: Vec<PendingFault>,
     retry_next: Vec<PendingFault>,
@@ -109,83 +87,117 @@ struct EventLoop<'a> {
     /// The asynchronous source has as much background work as it takes: no prefetch until it
     /// answers something.
     source_busy: bool,
+    last_faults: u64,
 }
 
-impl<'a> EventLoop<'a> {
-    fn new(sh: &'a Shared, failed: bool) -> Result<Self> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .map_err(|e| Error::os("epoll_create", e))?;
-        epoll
-            .add(sh.uffd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, 0))
-            .map_err(|e| Error::os("epoll_ctl(uffd)", e))?;
-        epoll
-            .add(
-                sh.stop_event.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, 1),
-            )
-            .map_err(|e| Error::os("epoll_ctl(eventfd)", e))?;
-        let ready_fd = sh.source.ready_fd();
-        if let Some(fd) = ready_fd {
-            epoll
-                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, 2))
-                .map_err(|e| Error::os("epoll_ctl(source)", e))?;
-        }
-        Ok(Self {
+impl EventLoop {
+    /// A loop over `sh`; `failed` starts it fail-stop (after an internal error).
+    pub(crate) fn new(sh: Arc<Shared>, failed: bool) -> Self {
+        let plan = std::mem::take(&mut *sh.prefetch_plan.lock().unwrap_or_else(|e| e.into_inner()));
+        let async_source = sh.source.ready_fd().is_some();
+        let prefetching = sh.config.prefetch && !failed;
+        Self {
             sh,
-            epoll,
             messages: [UffdMsg::default(); MESSAGE_BATCH],
             retry: Vec::with_capacity(RETRY_CAPACITY),
             retry_next: Vec::with_capacity(RETRY_CAPACITY),
             failed,
-            prefetching: sh.config.prefetch && !failed,
+            prefetching,
             chunk: PREFETCH_MIN,
             cursor: (0, 0),
             complete_notified: false,
             process_gone: false,
-            plan: std::mem::take(&mut *sh.prefetch_plan.lock().unwrap_or_else(|e| e.into_inner())),
+            plan,
             plan_pos: 0,
-            async_source: ready_fd.is_some(),
+            async_source,
             source_busy: false,
-        })
+            last_faults: 0,
+        }
     }
 
-    fn run(&mut self) -> Result<()> {
-        loop {
-            if self.sh.stop.load(Ordering::Acquire) || self.process_gone {
-                return Ok(());
-            }
-            let faults = self.service()?;
-            if self.async_source {
-                self.drain_source();
-            }
-            if !self.retry.is_empty() {
-                // The kernel clears its "mmap changing" mark once the event we just read is
-                // acknowledged by the thread that raised it; give that thread the CPU.
-                std::thread::yield_now();
-                continue;
-            }
-            if self.prefetching && !self.source_busy {
-                self.chunk = if self.async_source {
-                    // Background requests do not compete with faults here (they travel on
-                    // their own stream); the largest request keeps the pipe full.
-                    PREFETCH_MAX
-                } else if faults > 0 {
-                    PREFETCH_MIN
-                } else {
-                    (self.chunk * 2).min(PREFETCH_MAX)
-                };
-                if let Err(e) = self.prefetch_step() {
-                    self.fail(e);
-                }
-                continue;
-            }
-            self.check_complete();
-            let mut events = [EpollEvent::empty(); 3];
-            match self.epoll.wait(&mut events, PollTimeout::NONE) {
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(Error::os("epoll_wait", e)),
-            }
+    /// The handler this loop serves.
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.sh
+    }
+
+    /// Registers the loop's fds (uffd, stop eventfd, the source's ready fd) with `epoll` under
+    /// `token`.
+    pub(crate) fn register(&self, epoll: &Epoll, token: u64) -> Result<()> {
+        let sh = &self.sh;
+        let mut fds = vec![sh.uffd.as_fd(), sh.stop_event.as_fd()];
+        fds.extend(sh.source.ready_fd());
+        for fd in fds {
+            epoll
+                .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
+                .map_err(|e| Error::os("epoll_ctl(ADD)", e))?;
         }
+        Ok(())
+    }
+
+    /// Removes the loop's fds from `epoll`.
+    pub(crate) fn deregister(&self, epoll: &Epoll) {
+        let sh = &self.sh;
+        let _ = epoll.delete(sh.uffd.as_fd());
+        let _ = epoll.delete(sh.stop_event.as_fd());
+        if let Some(fd) = sh.source.ready_fd() {
+            let _ = epoll.delete(fd);
+        }
+    }
+
+    /// Marks the loop failed (an internal error): from now on faults are fenced.
+    pub(crate) fn set_failed(&mut self, error: Error) {
+        self.fail(error);
+    }
+
+    /// Handles everything queued (events first, then faults, then the source's answers), then
+    /// one chunk of background prefetch if nothing else waits. Never blocks.
+    pub(crate) fn step(&mut self, faults_elsewhere: bool) -> Result<Step> {
+        if self.sh.stop.load(Ordering::Acquire) || self.process_gone {
+            return Ok(Step::Finished);
+        }
+        let faults = self.service()?;
+        self.last_faults = faults;
+        if self.async_source {
+            self.drain_source();
+        }
+        if !self.retry.is_empty() {
+            return Ok(Step::More);
+        }
+        if self.prefetching && !self.source_busy {
+            self.chunk = if self.async_source {
+                // Background requests do not compete with faults here (they travel on their
+                // own stream); the largest request keeps the pipe full.
+                PREFETCH_MAX
+            } else if faults > 0 || faults_elsewhere {
+                PREFETCH_MIN
+            } else {
+                (self.chunk * 2).min(PREFETCH_MAX)
+            };
+            if let Err(e) = self.prefetch_step() {
+                self.fail(e);
+            }
+            return Ok(Step::More);
+        }
+        self.check_complete();
+        Ok(Step::Idle)
+    }
+
+    /// Faults read by the last step.
+    pub(crate) fn last_faults(&self) -> u64 {
+        self.last_faults
+    }
+
+    /// True if faults wait for a retry (an event got in the way).
+    pub(crate) fn has_retries(&self) -> bool {
+        !self.retry.is_empty()
+    }
+
+    /// Ends the handler: fences what is missing, unregisters, wakes waiters.
+    pub(crate) fn finish(&self) {
+        self.sh.fence_missing();
+        self.sh.unregister_all();
+        self.sh.notify();
+        self.sh.set_exited();
     }
 
     fn check_complete(&mut self) {
@@ -308,7 +320,8 @@ impl<'a> EventLoop<'a> {
     }
 
     fn resolve_inner(&mut self, fault: PendingFault) -> Result<Outcome> {
-        let sh = self.sh;
+        let owner = Arc::clone(&self.sh);
+        let sh: &Shared = &owner;
         let region = &sh.regions[fault.region];
         let minor_mode = sh.config.mode == Mode::Minor;
         match region.states.get(fault.index) {
@@ -496,7 +509,8 @@ impl<'a> EventLoop<'a> {
         prev: PageState,
         prefetch: bool,
     ) -> Result<Outcome> {
-        let sh = self.sh;
+        let owner = Arc::clone(&self.sh);
+        let sh: &Shared = &owner;
         let region = &sh.regions[region_index];
         let ps = region.page_size;
         let minor_mode = sh.config.mode == Mode::Minor;
@@ -638,7 +652,8 @@ impl<'a> EventLoop<'a> {
 
     /// Applies every answer the asynchronous source has received so far.
     fn drain_source(&mut self) {
-        let sh = self.sh;
+        let owner = Arc::clone(&self.sh);
+        let sh: &Shared = &owner;
         sh.source.drain(&mut |c| {
             self.source_busy = false;
             self.complete(c);
@@ -731,7 +746,8 @@ impl<'a> EventLoop<'a> {
         src: Option<u64>,
         background: bool,
     ) -> Result<bool> {
-        let sh = self.sh;
+        let owner = Arc::clone(&self.sh);
+        let sh: &Shared = &owner;
         let region = &sh.regions[ri];
         let ps = region.page_size;
         let mut skipped = false;
@@ -783,7 +799,8 @@ impl<'a> EventLoop<'a> {
         let Some((ri, first, n)) = self.guest_range(guest_address, len) else {
             return;
         };
-        let sh = self.sh;
+        let owner = Arc::clone(&self.sh);
+        let sh: &Shared = &owner;
         let region = &sh.regions[ri];
         for k in first..first + n {
             let state = region.states.get(k);
@@ -895,7 +912,8 @@ impl<'a> EventLoop<'a> {
         end: usize,
         planned: bool,
     ) -> Result<Option<usize>> {
-        let sh = self.sh;
+        let owner = Arc::clone(&self.sh);
+        let sh: &Shared = &owner;
         let region = &sh.regions[ri];
         let end = end.min(region.states.len());
         let mut i = from;

@@ -4,11 +4,11 @@
 
 pub mod event_loop;
 pub mod stats;
+pub mod worker;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -24,6 +24,7 @@ use crate::source::PageSource;
 use crate::sys;
 use crate::uffd::Uffd;
 pub use stats::{Stats, StatsSnapshot};
+pub use worker::Engine;
 
 /// How faults are raised and resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,7 +180,15 @@ impl Shared {
         let _ = self.notify_event.write(1);
     }
 
-    fn set_exited(&self) {
+    /// Waits until the handler's event loop has finished (after `stop`).
+    fn wait_exited(&self) {
+        let mut status = self.status();
+        while !status.exited {
+            status = self.cond.wait(status).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub(crate) fn set_exited(&self) {
         self.status().exited = true;
         self.cond.notify_all();
         let _ = self.notify_event.write(1);
@@ -245,7 +254,8 @@ impl Shared {
 /// A userfaultfd handler over one or more guest memory regions.
 pub struct Handler {
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The engine serving this handler once started, and whether it is private to it.
+    engine: Mutex<Option<(Arc<Engine>, bool)>>,
     started: AtomicBool,
     closed: AtomicBool,
     journal: Option<Arc<Journal>>,
@@ -599,7 +609,7 @@ impl Handler {
         };
         Ok(Self {
             shared: Arc::new(shared),
-            thread: Mutex::new(None),
+            engine: Mutex::new(None),
             started: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             journal: None,
@@ -644,27 +654,28 @@ impl Handler {
         Ok(())
     }
 
-    /// Starts the event loop on a native thread named `pagewarden-uffd`; returns at once.
-    pub fn start(&self) -> Result<()> {
+    /// Starts serving on `engine`, or on a private engine with one native thread named
+    /// `pagewarden-uffd` when None; returns at once.
+    pub fn start_on(&self, engine: Option<Arc<Engine>>) -> Result<()> {
         self.check_open()?;
         if self.started.swap(true, Ordering::AcqRel) {
             return Err(Error::Config("Handler.start() was already called".into()));
         }
-        let shared = self.shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("pagewarden-uffd".into())
-            .spawn(move || {
-                event_loop::run(&shared);
-                shared.set_exited();
-            })
-            .map_err(|e| {
-                Error::os(
-                    "spawning the event-loop thread",
-                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                )
-            })?;
-        *self.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+        let (engine, private) = match engine {
+            Some(e) => (e, false),
+            None => (Arc::new(Engine::new(1, "pagewarden-uffd")?), true),
+        };
+        if let Err(e) = engine.attach(self.shared.clone()) {
+            self.started.store(false, Ordering::Release);
+            return Err(e);
+        }
+        *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = Some((engine, private));
         Ok(())
+    }
+
+    /// Starts serving on a private engine (one native thread); returns at once.
+    pub fn start(&self) -> Result<()> {
+        self.start_on(None)
     }
 
     fn check_open(&self) -> Result<()> {
@@ -1061,9 +1072,12 @@ impl Handler {
         }
         self.shared.stop.store(true, Ordering::Release);
         let _ = self.shared.stop_event.write(1);
-        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(thread) = thread {
-            let _ = thread.join();
+        let engine = self.engine.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((engine, private)) = engine {
+            self.shared.wait_exited();
+            if private {
+                engine.close(true);
+            }
         }
         self.shared.fence_missing();
         self.shared.unregister_all();

@@ -183,6 +183,7 @@ fn memories_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Arc<CoreMemory>>> {
 #[pyclass(frozen, module = "pagewarden._native")]
 pub struct Handler {
     inner: CoreHandler,
+    engine: Option<Arc<crate::engine::Engine>>,
 }
 
 /// `prefetch_order`: guest addresses (one page each) or `(guest_address, length)` pairs.
@@ -233,7 +234,7 @@ impl Handler {
     /// until `start()`.
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false))]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
@@ -245,6 +246,7 @@ impl Handler {
         uffd: Option<i32>,
         prefetch_order: Option<&Bound<'_, PyAny>>,
         record_access: bool,
+        engine: Option<&super::engine::Engine>,
     ) -> PyResult<Self> {
         let order = prefetch_order.map(ranges_of).transpose()?;
         let uffd = match uffd {
@@ -302,7 +304,10 @@ impl Handler {
         if record_access {
             inner.record_accesses().py_err()?;
         }
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            engine: engine.map(|e| e.inner.clone()),
+        })
     }
 
     /// Guest addresses of the pages faulted in so far, in the order of their first fault
@@ -313,9 +318,10 @@ impl Handler {
         self.inner.access_log().py_err()
     }
 
-    /// Starts the event loop on a native thread; returns at once.
+    /// Starts serving: on the `engine` given, else on a native thread of its own; returns at
+    /// once.
     fn start(&self) -> PyResult<()> {
-        self.inner.start().py_err()
+        self.inner.start_on(self.engine.clone()).py_err()
     }
 
     /// Waits until every page is present, poisoned or removed (True) or `timeout` seconds pass

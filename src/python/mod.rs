@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod engine;
 mod error;
 mod handler;
 mod kvm;
@@ -86,6 +87,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<handler::ZeroSource>()?;
     m.add_class::<remote::RemoteSource>()?;
     m.add_class::<handler::Handler>()?;
+    m.add_class::<engine::Engine>()?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
     bench::register(m)?;
