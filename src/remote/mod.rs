@@ -1,4 +1,7 @@
 //! Remote post-copy: the source host's page server and the destination's `RemoteSource`, over
 //! pagewarden's own versioned wire protocol (`protocol`, specified in `docs/protocol.md`).
 
+#[cfg(test)]
+mod fuzz;
 pub mod protocol;
+pub mod server;

@@ -323,7 +323,9 @@ pub fn write_text(
     write_frame(w, &h, text)
 }
 
-fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+/// Writes `a` then `b` with as few system calls as the writer allows (one `writev` for a header
+/// and its payload, or for a batch of small frames and the DATA payload after them).
+pub fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> std::io::Result<()> {
     let (mut a, mut b) = (a, b);
     while !a.is_empty() || !b.is_empty() {
         let n = match w.write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)]) {
