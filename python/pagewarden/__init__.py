@@ -21,7 +21,9 @@ from pagewarden._native import (
     PoisonJournalWarning,
     PoisonSet,
     PolicyError,
+    ProcessMemory,
     ProtocolError,
+    Server,
     SourceError,
     TouchResult,
     UnsupportedError,
@@ -29,6 +31,7 @@ from pagewarden._native import (
     __version__,
     capabilities,
     page_checksum,
+    serve,
 )
 
 __all__ = [
@@ -45,7 +48,9 @@ __all__ = [
     "PoisonSet",
     "PoisonedPageError",
     "PolicyError",
+    "ProcessMemory",
     "ProtocolError",
+    "Server",
     "SourceError",
     "TouchResult",
     "UnsupportedError",
@@ -53,4 +58,5 @@ __all__ = [
     "__version__",
     "capabilities",
     "page_checksum",
+    "serve",
 ]

@@ -8,6 +8,7 @@ mod handler;
 mod kvm;
 mod memory;
 mod poison;
+mod serve;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -88,6 +89,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
     bench::register(m)?;
     kvm::register(m)?;
+    serve::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -60,7 +60,9 @@ fn kernel_read(pid: Option<Pid>, host_address: u64, buf: &mut [u8]) -> Result<us
         }];
         let mut local = [IoSliceMut::new(&mut buf[done..])];
         match process_vm_readv(pid, &mut local, &remote) {
-            Ok(0) | Err(Errno::EFAULT) => break,
+            // GUP without FOLL_HWPOISON reports a poisoned page (or a UFFDIO_POISON marker) as
+            // EFAULT; EHWPOISON is accepted too in case a kernel passes it through.
+            Ok(0) | Err(Errno::EFAULT) | Err(Errno::EHWPOISON) => break,
             Ok(n) => done += n,
             Err(Errno::EINTR) => {}
             Err(e) => return Err(e),
