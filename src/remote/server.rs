@@ -1191,6 +1191,9 @@ mod tests {
                 assert_eq!(payload[..], img[*at as usize..(*at + *len) as usize]);
             }
         }
+        // Counters are bumped after each write: join the serving thread before reading them.
+        drop(c);
+        server.close();
         let st = server.stats();
         assert_eq!((st.pages_sent, st.pages_zero, st.pages_poison), (7, 3, 2));
         assert_eq!((st.requests, st.urgent_requests), (1, 0));
