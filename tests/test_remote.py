@@ -71,11 +71,11 @@ def page_server(
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def expected_poison(mem: pw.GuestMemory, small: list[int]) -> list[int]:
@@ -126,6 +126,7 @@ def test_three_hops_keep_poison_known_only_on_the_first(tmp_path: Path) -> None:
         assert sorted(poison_b) == known_on_a
         # Hop B -> C: B serves its memory and the poison it received, as the next source.
         with pw.serve(mem_b, poison=poison_b, token=TOKEN) as server_b:
+            assert server_b.address is not None
             host, port = server_b.address
             mem_c = pw.GuestMemory.anonymous(size)
             with (

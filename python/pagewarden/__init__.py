@@ -22,8 +22,10 @@ from pagewarden._native import (
     PoisonJournalWarning,
     PoisonSet,
     PolicyError,
+    ProcessMemory,
     ProtocolError,
     RemoteSource,
+    Server,
     SourceError,
     TouchResult,
     UnsupportedError,
@@ -31,6 +33,7 @@ from pagewarden._native import (
     __version__,
     capabilities,
     page_checksum,
+    serve,
 )
 
 __all__ = [
@@ -48,8 +51,10 @@ __all__ = [
     "PoisonSet",
     "PoisonedPageError",
     "PolicyError",
+    "ProcessMemory",
     "ProtocolError",
     "RemoteSource",
+    "Server",
     "SourceError",
     "TouchResult",
     "UnsupportedError",
@@ -57,4 +62,5 @@ __all__ = [
     "__version__",
     "capabilities",
     "page_checksum",
+    "serve",
 ]

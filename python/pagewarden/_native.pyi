@@ -4,13 +4,14 @@ from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, final
+from typing import Any, Literal, Protocol, Self, final
 
 from typing_extensions import Buffer
 
 __version__: str
 __all__ = [
     "ConfigurationError",
+    "Engine",
     "FileSource",
     "GuestAddressError",
     "GuestMemory",
@@ -23,7 +24,10 @@ __all__ = [
     "PoisonSet",
     "PoisonedPageError",
     "PolicyError",
+    "ProcessMemory",
     "ProtocolError",
+    "RemoteSource",
+    "Server",
     "SourceError",
     "TouchResult",
     "UnsupportedError",
@@ -34,6 +38,7 @@ __all__ = [
     "capabilities",
     "kvm_check",
     "page_checksum",
+    "serve",
 ]
 
 class PagewardenError(OSError):
@@ -239,7 +244,7 @@ class RemoteSource:
     ) -> Self: ...
     @property
     def address(self) -> str:
-        """"host:port" of the server."""
+        """ "host:port" of the server."""
     @property
     def page_size(self) -> int:
         """The server's page size in bytes."""
@@ -318,7 +323,19 @@ class Handler:
         """Initial poison plus poison discovered during the run."""
     def page_state(
         self, guest_address: int
-    ) -> Literal["missing", "in_flight", "present", "poisoned", "removed", "fenced", "requested", "urgent"] | None:
+    ) -> (
+        Literal[
+            "missing",
+            "in_flight",
+            "present",
+            "poisoned",
+            "removed",
+            "fenced",
+            "requested",
+            "urgent",
+        ]
+        | None
+    ):
         """The state of the page holding ``guest_address``."""
     def poison(self, guest_address: int) -> bool:
         """Poisons the page holding ``guest_address`` now; True if it was not poisoned yet."""
@@ -339,3 +356,53 @@ class Handler:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]: ...
+
+@final
+class ProcessMemory:
+    """Memory of another process to serve: ``pid`` and (guest, host, length) maps."""
+
+    def __new__(
+        cls, pid: int, maps: Sequence[tuple[int, int, int]], page_size: int = 4096
+    ) -> Self: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def maps(self) -> list[tuple[int, int, int]]: ...
+    @property
+    def page_size(self) -> int: ...
+
+@final
+class Server:
+    """A running page server (from ``serve``); a context manager."""
+
+    @property
+    def address(self) -> tuple[str, int] | None: ...
+    def stats(self) -> dict[str, int]:
+        """Connection, request, page and error counters."""
+    def poison_set(self) -> PoisonSet:
+        """Initial poison plus source pages found unreadable while serving."""
+    def serve_socket(self, sock: int | _HasFileno) -> None:
+        """Serves an already-connected stream socket (duplicated) like an accepted one."""
+    def close(self) -> None:
+        """Stops accepting, shuts connections down, joins the threads. Idempotent."""
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]: ...
+
+class _HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+def serve(
+    source: str | PathLike[str] | GuestMemory | ProcessMemory | Buffer,
+    poison: PoisonSet | None = None,
+    listen: str = "127.0.0.1:0",
+    token: bytes | str | None = None,
+    insecure_no_token: bool = False,
+    handshake_timeout: float = 10.0,
+    write_timeout: float = 30.0,
+) -> Server:
+    """Starts a page server for ``source`` on native threads."""

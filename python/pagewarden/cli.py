@@ -53,6 +53,127 @@ def _cmd_firecracker(args: argparse.Namespace) -> int:
     return 0
 
 
+class _UsageProblem(Exception):
+    """Bad input to a command: the message says what was wrong and what to do (exit 2)."""
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise _UsageProblem(f"{what} {text!r} is not a number (decimal, or hex with 0x)") from None
+    if value < 0:
+        raise _UsageProblem(f"{what} {text!r} is negative")
+    return value
+
+
+def _parse_map(text: str) -> tuple[int, int, int]:
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise _UsageProblem(
+            f"--map {text!r} is not GUEST_ADDR:HOST_ADDR:LEN "
+            "(e.g. --map 0:0x7f0000000000:0x40000000)"
+        )
+    guest, host, length = (
+        _parse_int(p, f"--map {name}")
+        for p, name in zip(parts, ("GUEST_ADDR", "HOST_ADDR", "LEN"), strict=True)
+    )
+    return guest, host, length
+
+
+def _read_token(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            token = f.read()
+    except OSError as e:
+        raise _UsageProblem(
+            f"cannot read the token file {path}: {e.strerror or e}; create one with "
+            f"`head -c 32 /dev/urandom | base64 > {path}` and copy it to the destination"
+        ) from None
+    if token.endswith(b"\n"):
+        token = token[:-1]
+    if len(token) < 16:
+        raise _UsageProblem(
+            f"the token in {path} is {len(token)} bytes; use at least 16, e.g. "
+            f"`head -c 32 /dev/urandom | base64 > {path}`"
+        )
+    return token
+
+
+def _serve_source(args: argparse.Namespace) -> str | pw.ProcessMemory:
+    import os
+
+    if args.pid is not None:
+        if args.image is not None:
+            raise _UsageProblem("give either IMAGE or --pid with --map, not both")
+        if not args.map:
+            raise _UsageProblem("--pid needs at least one --map GUEST_ADDR:HOST_ADDR:LEN")
+        return pw.ProcessMemory(args.pid, [_parse_map(m) for m in args.map])
+    if args.map:
+        raise _UsageProblem("--map is for --pid; an IMAGE file needs no maps")
+    if args.image is None:
+        raise _UsageProblem("give a guest memory IMAGE file, or --pid PID with --map")
+    if not os.path.isfile(args.image):
+        raise _UsageProblem(f"image {args.image} does not exist or is not a regular file")
+    return str(args.image)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from pagewarden import poison_tools
+
+    try:
+        source = _serve_source(args)
+        if args.token_file is None and not args.insecure_no_token:
+            raise _UsageProblem(
+                "--token-file is required: create one with "
+                "`head -c 32 /dev/urandom | base64 > token` and give the same file to the "
+                "destination (--insecure-no-token only on a loopback address, for testing)"
+            )
+        token = _read_token(args.token_file) if args.token_file is not None else None
+        poison = poison_tools.load_any(args.poison)[0] if args.poison else None
+        # Block SIGINT/SIGTERM before the native threads start, so they inherit the mask and the
+        # signals are left for sigwait below.
+        stop = {signal.SIGINT, signal.SIGTERM}
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        try:
+            server = pw.serve(
+                source,
+                poison=poison,
+                listen=args.listen,
+                token=token,
+                insecure_no_token=args.insecure_no_token,
+            )
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            raise
+    except (_UsageProblem, pw.ConfigurationError, pw.PoisonFileError, pw.SourceError) as e:
+        message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"pagewarden serve: error: {message}", file=sys.stderr)
+        return 2
+    try:
+        address = server.address
+        assert address is not None
+        host, port = address
+        shown = f"[{host}]" if ":" in host else host
+        print(f"listening on {shown}:{port}", flush=True)
+        signal.sigwait(stop)
+    finally:
+        server.close()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    st = server.stats()
+    print(
+        f"served {st['requests']} requests ({st['urgent_requests']} urgent) on "
+        f"{st['connections_accepted']} connections: {st['pages_sent']} pages sent, "
+        f"{st['pages_zero']} zero, {st['pages_poison']} poison "
+        f"({st['poison_discovered']} discovered), {st['pages_failed']} failed; "
+        f"{st['auth_failures']} auth failures, {st['protocol_errors']} protocol errors",
+        flush=True,
+    )
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     """Prints capabilities() as a table: what this machine offers, what is missing and what to
     do about it. Exits 0 when pagewarden can serve and poison guest memory here, 1 otherwise."""
@@ -239,6 +360,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for it")
     p.set_defaults(func=_cmd_firecracker)
+    p = sub.add_parser(
+        "serve",
+        help="serve guest memory to post-copy destinations (the source host's page server)",
+        description="Serve a guest memory IMAGE file, or the memory of process --pid named by "
+        "--map, over pagewarden's page protocol (docs/protocol.md). The first line printed is "
+        "'listening on HOST:PORT'; runs until SIGINT or SIGTERM, then prints a summary.",
+    )
+    p.add_argument(
+        "image", nargs="?", help="guest memory image (byte at offset X = guest address X)"
+    )
+    p.add_argument("--pid", type=int, help="serve the memory of this process (needs --map)")
+    p.add_argument(
+        "--map",
+        action="append",
+        metavar="GUEST_ADDR:HOST_ADDR:LEN",
+        help="with --pid: guest range at HOST_ADDR in that process (hex or decimal; repeatable)",
+    )
+    p.add_argument("--poison", help="poison list: JSON poison file, journal or text list")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default 127.0.0.1:0)")
+    p.add_argument("--token-file", help="file holding the shared token (at least 16 bytes)")
+    p.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="serve without a token (loopback addresses only; for testing)",
+    )
+    p.set_defaults(func=_cmd_serve)
     p = sub.add_parser(
         "kvm-check",
         help="a real vCPU (/dev/kvm) reads guest pages served by pagewarden, some poisoned",

@@ -10,6 +10,7 @@ mod kvm;
 mod memory;
 mod poison;
 mod remote;
+mod serve;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -92,6 +93,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
     bench::register(m)?;
     kvm::register(m)?;
+    serve::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

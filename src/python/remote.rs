@@ -1,11 +1,10 @@
 //! `RemoteSource` for Python: pages from a page server on another host (`pagewarden serve`).
 
-use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyString};
+use pyo3::types::PyDict;
 
 use super::error::IntoPy;
 use super::poison::PoisonSet;
@@ -13,64 +12,6 @@ use crate::error::Error;
 use crate::poison::PoisonSet as CorePoisonSet;
 use crate::remote::client::{RemoteConfig, RemoteSource as CoreRemote};
 use crate::source::PageSource;
-
-/// The shortest token accepted.
-pub(crate) const MIN_TOKEN: usize = 16;
-
-/// True if every address `host:port` resolves to is a loopback address.
-pub(crate) fn is_loopback(address: &str) -> bool {
-    match address.to_socket_addrs() {
-        Ok(addrs) => {
-            let addrs: Vec<_> = addrs.collect();
-            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
-        }
-        Err(_) => false,
-    }
-}
-
-/// The token as bytes (str is UTF-8 encoded), checked: at least [`MIN_TOKEN`] bytes, and
-/// absent only when `insecure_no_token` is set and `address` is loopback.
-pub(crate) fn token_bytes(
-    token: Option<&Bound<'_, PyAny>>,
-    insecure_no_token: bool,
-    address: &str,
-) -> PyResult<Vec<u8>> {
-    let Some(token) = token else {
-        if insecure_no_token && is_loopback(address) {
-            return Ok(Vec::new());
-        }
-        let why = if insecure_no_token {
-            format!("insecure_no_token is allowed only on a loopback address, not {address}")
-        } else {
-            "a token is required (token=..., or --token-file FILE)".to_string()
-        };
-        return Err(Error::Config(format!(
-            "{why}; generate one with `head -c 32 /dev/urandom | base64 > token` and give the \
-             same token to both ends"
-        )))
-        .py_err();
-    };
-    let bytes = if let Ok(s) = token.cast::<PyString>() {
-        s.to_str()?.as_bytes().to_vec()
-    } else if let Ok(b) = token.cast::<PyBytes>() {
-        b.as_bytes().to_vec()
-    } else {
-        return Err(Error::Config(format!(
-            "token must be bytes or str, not {}",
-            token.get_type().name()?
-        )))
-        .py_err();
-    };
-    if bytes.len() < MIN_TOKEN {
-        return Err(Error::Config(format!(
-            "the token has {} bytes; use at least {MIN_TOKEN} (generate one with \
-             `head -c 32 /dev/urandom | base64 > token`)",
-            bytes.len()
-        )))
-        .py_err();
-    }
-    Ok(bytes)
-}
 
 /// Pages from a page server on another host (`pagewarden serve` / `pagewarden.serve`), for a
 /// `Handler`. Connects at once (two authenticated connections: urgent requests for faults,
@@ -95,7 +36,7 @@ impl RemoteSource {
 impl RemoteSource {
     /// Connects to `address` ("host:port").
     #[new]
-    #[pyo3(signature = (address, token = None, *, give_up_after = 30.0, insecure_no_token = false, window = 32 << 20))]
+    #[pyo3(signature = (address, token = None, *, give_up_after = 30.0, insecure_no_token = false, window = 33554432))]
     fn new(
         py: Python<'_>,
         address: String,
@@ -116,8 +57,8 @@ impl RemoteSource {
             )))
             .py_err();
         }
-        let token = token_bytes(token, insecure_no_token, &address)?;
-        let mut config = RemoteConfig::new(address, token);
+        let mut config = RemoteConfig::new(address, super::serve::token_of(token)?);
+        config.insecure_no_token = insecure_no_token;
         config.give_up_after = Duration::from_secs_f64(give_up_after);
         config.window = window;
         let core = py.detach(move || CoreRemote::connect(config)).py_err()?;

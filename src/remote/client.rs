@@ -23,8 +23,8 @@ use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::protocol::{
-    client_handshake, expect_header, read_payload, read_text, write_frame, Geometry, Header, Kind,
-    Role, FLAG_URGENT, MAX_DATA,
+    check_token, client_handshake, expect_header, read_payload, read_text, write_frame, Geometry,
+    Header, Kind, Role, FLAG_URGENT, MAX_DATA,
 };
 use crate::error::{Error, Result};
 use crate::source::{Completion, PageData, PageSource};
@@ -34,8 +34,10 @@ use crate::source::{Completion, PageData, PageSource};
 pub struct RemoteConfig {
     /// `host:port` of the page server.
     pub address: String,
-    /// The shared token (empty only for an explicitly insecure loopback server).
-    pub token: Vec<u8>,
+    /// The shared token (at least 16 bytes); None only with `insecure_no_token` on loopback.
+    pub token: Option<Vec<u8>>,
+    /// Allow no token (loopback only).
+    pub insecure_no_token: bool,
     /// How long the server may stay unreachable before the handler fail-stops.
     pub give_up_after: Duration,
     /// Bytes of background requests in flight at most.
@@ -46,10 +48,11 @@ pub struct RemoteConfig {
 
 impl RemoteConfig {
     /// Defaults: give up after 30 s, 32 MiB of background requests in flight, 5 s per attempt.
-    pub fn new(address: impl Into<String>, token: Vec<u8>) -> Self {
+    pub fn new(address: impl Into<String>, token: Option<Vec<u8>>) -> Self {
         Self {
             address: address.into(),
             token,
+            insecure_no_token: false,
             give_up_after: Duration::from_secs(30),
             window: 32 << 20,
             connect_timeout: Duration::from_secs(5),
@@ -138,6 +141,8 @@ struct Link {
 
 struct Inner {
     config: RemoteConfig,
+    /// The HMAC key (the token, checked).
+    key: Vec<u8>,
     geometry: Geometry,
     ready: EventFd,
     answers: Mutex<VecDeque<Answer>>,
@@ -147,6 +152,11 @@ struct Inner {
     link_cond: Condvar,
     stop: AtomicBool,
     stats: RemoteStats,
+    /// An answer arrived since the supervisor last looked.
+    answered: AtomicBool,
+    /// When the last answer arrived, in nanoseconds after `born`.
+    last_answer: AtomicU64,
+    born: Instant,
 }
 
 const POOL_MAX: usize = 16;
@@ -174,8 +184,8 @@ impl std::fmt::Debug for RemoteSource {
 /// Both connections to a server, authenticated, and what it announced.
 type Connected = (Geometry, Vec<(u64, u64)>, [TcpStream; 2]);
 
-/// Opens both connections and runs the handshakes.
-fn connect(config: &RemoteConfig) -> Result<Connected> {
+/// Opens both connections and runs the handshakes with `key`.
+fn connect(config: &RemoteConfig, key: &[u8]) -> Result<Connected> {
     let addrs: Vec<_> = config
         .address
         .to_socket_addrs()
@@ -194,7 +204,7 @@ fn connect(config: &RemoteConfig) -> Result<Connected> {
         s.set_read_timeout(Some(config.connect_timeout))
             .and_then(|_| s.set_write_timeout(Some(config.connect_timeout)))
             .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
-        let info = client_handshake(&mut s, &config.token, role)?;
+        let info = client_handshake(&mut s, key, role)?;
         s.set_read_timeout(None)
             .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
         Ok((s, info))
@@ -213,9 +223,20 @@ impl RemoteSource {
     /// Connects to the page server (both channels, authenticated) and starts receiving. Fails
     /// at once on a wrong token, an unreachable server or a server that breaks the protocol.
     pub fn connect(config: RemoteConfig) -> Result<Self> {
-        let (geometry, poison, streams) = connect(&config)?;
+        let addrs: Vec<_> = config
+            .address
+            .to_socket_addrs()
+            .map(|a| a.collect())
+            .unwrap_or_default();
+        let key = check_token(
+            config.token.as_deref(),
+            config.insecure_no_token,
+            Some((&config.address, &addrs)),
+        )?;
+        let (geometry, poison, streams) = connect(&config, &key)?;
         let inner = Arc::new(Inner {
             config,
+            key,
             geometry,
             ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| Error::os("eventfd", e))?,
@@ -226,6 +247,9 @@ impl RemoteSource {
             link_cond: Condvar::new(),
             stop: AtomicBool::new(false),
             stats: RemoteStats::default(),
+            answered: AtomicBool::new(false),
+            last_answer: AtomicU64::new(0),
+            born: Instant::now(),
         });
         {
             let mut channels = lock(&inner.channels);
@@ -368,19 +392,42 @@ impl Inner {
 
     /// Reconnects whenever a receiver reports the connection lost, until stopped or given up.
     fn supervise(self: Arc<Self>, mut receivers: Vec<JoinHandle<()>>) {
+        // When the current outage began: the first loss after the last answer received. A
+        // server that keeps accepting connections and dropping them before it answers anything
+        // is an outage too, so reconnecting alone does not reset it.
+        let mut outage: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(50);
         loop {
             {
                 let mut link = lock(&self.link);
                 while !link.lost && !self.stop.load(Ordering::Acquire) {
-                    link = self.link_cond.wait(link).unwrap_or_else(|e| e.into_inner());
+                    let (guard, _) = self
+                        .link_cond
+                        .wait_timeout(link, Duration::from_millis(250))
+                        .unwrap_or_else(|e| e.into_inner());
+                    link = guard;
+                    if !link.lost && self.stalled() {
+                        link.lost = true;
+                        link.last_error = Some(format!(
+                            "no answer for {:.1} s while requests were outstanding",
+                            self.config.give_up_after.as_secs_f64()
+                        ));
+                    }
                 }
                 link.lost = false;
+            }
+            let now = Instant::now();
+            if self.answered.swap(false, Ordering::AcqRel) || self.idle() || outage.is_none() {
+                outage = Some(now);
             }
             self.stats.connected.store(0, Ordering::Relaxed);
             self.shutdown_streams();
             for t in receivers.drain(..) {
                 let _ = t.join();
             }
+            // Both receivers of the old connection have reported by now; a report that came
+            // after the wake-up must not tear down the next connection.
+            lock(&self.link).lost = false;
             {
                 let mut channels = lock(&self.channels);
                 for c in channels.ch.iter_mut() {
@@ -390,10 +437,40 @@ impl Inner {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            let down_since = Instant::now();
-            let mut backoff = Duration::from_millis(50);
+            let down_since = outage.unwrap_or(now);
+            let fresh = down_since == now;
+            if fresh {
+                backoff = Duration::from_millis(50);
+            }
+            let mut first = true;
             loop {
-                match connect(&self.config) {
+                if !(first && fresh) {
+                    if down_since.elapsed() >= self.config.give_up_after {
+                        let last = lock(&self.link).last_error.clone().unwrap_or_default();
+                        let (guest_address, len) = self.oldest_outstanding();
+                        self.push_failure(Error::Source {
+                            source_name: self.source_name(),
+                            guest_address,
+                            len,
+                            reason: format!(
+                                "unreachable for {:.1} s (give_up_after); last error: {last}",
+                                down_since.elapsed().as_secs_f64()
+                            ),
+                        });
+                        return;
+                    }
+                    // Sleep, but wake at once on close().
+                    let link = lock(&self.link);
+                    let _ = self
+                        .link_cond
+                        .wait_timeout_while(link, backoff, |_| !self.stop.load(Ordering::Acquire));
+                    if self.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                first = false;
+                match connect(&self.config, &self.key) {
                     Ok((geometry, poison, streams)) if geometry == self.geometry => {
                         match self.install(streams, &poison) {
                             Ok(threads) => {
@@ -421,30 +498,38 @@ impl Inner {
                         lock(&self.link).last_error = Some(e.to_string());
                     }
                 }
-                if down_since.elapsed() >= self.config.give_up_after {
-                    let last = lock(&self.link).last_error.clone().unwrap_or_default();
-                    self.push_failure(Error::Source {
-                        source_name: self.source_name(),
-                        guest_address: 0,
-                        len: 0,
-                        reason: format!(
-                            "unreachable for {:.1} s (give_up_after); last error: {last}",
-                            down_since.elapsed().as_secs_f64()
-                        ),
-                    });
-                    return;
-                }
-                // Sleep, but wake at once on close().
-                let link = lock(&self.link);
-                let _ = self
-                    .link_cond
-                    .wait_timeout_while(link, backoff, |_| !self.stop.load(Ordering::Acquire));
-                if self.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
+    }
+
+    /// The first outstanding request (urgent first), for error messages.
+    fn oldest_outstanding(&self) -> (u64, u64) {
+        let channels = lock(&self.channels);
+        channels
+            .ch
+            .iter()
+            .rev()
+            .find_map(|c| c.requests.front().map(|r| (r.guest_address, r.len)))
+            .unwrap_or((0, 0))
+    }
+
+    /// No request is outstanding.
+    fn idle(&self) -> bool {
+        let channels = lock(&self.channels);
+        channels.ch.iter().all(|c| c.requests.is_empty())
+    }
+
+    /// Connected, with a request outstanding for `give_up_after` and no answer meanwhile.
+    fn stalled(&self) -> bool {
+        let limit = self.config.give_up_after.max(Duration::from_secs(1));
+        let last_answer = Duration::from_nanos(self.last_answer.load(Ordering::Relaxed));
+        let channels = lock(&self.channels);
+        channels.ch.iter().any(|c| {
+            c.requests.front().is_some_and(|r| {
+                let since = r.since.max(self.born + last_answer);
+                since.elapsed() > limit
+            })
+        })
     }
 
     fn push_failure(&self, error: Error) {
@@ -571,6 +656,9 @@ impl Inner {
                 }
                 since.filter(|_| channel == Role::Urgent as usize)
             };
+            self.answered.store(true, Ordering::Release);
+            self.last_answer
+                .store(self.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
             self.push(Answer {
                 guest_address: h.guest_address,
                 kind,

@@ -2,6 +2,9 @@
 //! pagewarden's own versioned wire protocol (`protocol`, specified in `docs/protocol.md`).
 
 pub mod client;
+#[cfg(test)]
+mod fuzz;
 pub mod protocol;
+pub mod server;
 #[cfg(test)]
 mod tests;

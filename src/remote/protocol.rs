@@ -21,6 +21,7 @@
 //! [`Error::Protocol`] and the connection is closed.
 
 use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
 
 use hmac::{Hmac, Mac};
 use nix::errno::Errno;
@@ -45,6 +46,50 @@ pub const NONCE_LEN: usize = 32;
 const MAC_LEN: usize = 32;
 const HELLO_LEN: u32 = 8 + 2 + 1 + 5 + NONCE_LEN as u32;
 const CHALLENGE_LEN: u32 = 8 + 2 + 6 + 8 + 8 + NONCE_LEN as u32 + MAC_LEN as u32;
+
+/// The shortest token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// True if every address is a loopback address (and there is at least one).
+pub fn is_loopback(addrs: &[SocketAddr]) -> bool {
+    !addrs.is_empty()
+        && addrs.iter().all(|a| match a.ip() {
+            IpAddr::V4(ip) => ip.is_loopback(),
+            IpAddr::V6(ip) => {
+                ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        })
+}
+
+/// The HMAC key for a connection, checked the same way at both ends: a token of at least
+/// [`MIN_TOKEN_LEN`] bytes, or none (an empty key) only when `insecure_no_token` is set and the
+/// peer address (`(as written, resolved)`, when there is one) is loopback.
+pub fn check_token(
+    token: Option<&[u8]>,
+    insecure_no_token: bool,
+    address: Option<(&str, &[SocketAddr])>,
+) -> Result<Vec<u8>> {
+    match token {
+        Some(t) if t.len() >= MIN_TOKEN_LEN => Ok(t.to_vec()),
+        Some(t) => Err(Error::Config(format!(
+            "the token is {} bytes; use at least {MIN_TOKEN_LEN} random bytes, e.g. \
+             `head -c 32 /dev/urandom | base64`",
+            t.len()
+        ))),
+        None if !insecure_no_token => Err(Error::Config(
+            "a token is required: generate one with `head -c 32 /dev/urandom | base64` and give \
+             it to both hosts (insecure_no_token is for loopback testing only)"
+                .into(),
+        )),
+        None => match address {
+            Some((written, addrs)) if !is_loopback(addrs) => Err(Error::Config(format!(
+                "insecure_no_token is allowed only on a loopback address, not {written:?}; use a \
+                 token"
+            ))),
+            _ => Ok(Vec::new()),
+        },
+    }
+}
 
 /// Frame kinds.
 #[repr(u8)]
@@ -323,7 +368,9 @@ pub fn write_text(
     write_frame(w, &h, text)
 }
 
-fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> std::io::Result<()> {
+/// Writes `a` then `b` with as few system calls as the writer allows (one `writev` for a header
+/// and its payload, or for a batch of small frames and the DATA payload after them).
+pub fn write_all_vectored(w: &mut impl Write, a: &[u8], b: &[u8]) -> std::io::Result<()> {
     let (mut a, mut b) = (a, b);
     while !a.is_empty() || !b.is_empty() {
         let n = match w.write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)]) {

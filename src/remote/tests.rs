@@ -95,7 +95,7 @@ fn remote_source_serves_bytes_and_poison() {
         Behaviour::Honest,
     );
     let source =
-        Arc::new(RemoteSource::connect(RemoteConfig::new(address, TOKEN.to_vec())).unwrap());
+        Arc::new(RemoteSource::connect(RemoteConfig::new(address, Some(TOKEN.to_vec()))).unwrap());
     let memory = Arc::new(GuestMemory::anonymous(size as u64, 0).unwrap());
     let handler = Handler::new(
         vec![memory.clone()],
@@ -137,7 +137,7 @@ fn a_wrong_token_is_refused_at_connect() {
     let address = mini_server(Arc::new(image(1 << 20)), vec![], vec![], Behaviour::Honest);
     let err = RemoteSource::connect(RemoteConfig::new(
         address,
-        b"another token...........".to_vec(),
+        Some(b"another token...........".to_vec()),
     ))
     .unwrap_err();
     assert!(matches!(err, Error::Protocol(_)), "{err}");
@@ -152,7 +152,7 @@ fn a_server_answering_the_wrong_range_fail_stops_without_writing() {
     let bytes = Arc::new(image(size));
     let address = mini_server(bytes, vec![], vec![], Behaviour::WrongRange);
     let source =
-        Arc::new(RemoteSource::connect(RemoteConfig::new(address, TOKEN.to_vec())).unwrap());
+        Arc::new(RemoteSource::connect(RemoteConfig::new(address, Some(TOKEN.to_vec()))).unwrap());
     let memory = Arc::new(GuestMemory::anonymous(size as u64, 0).unwrap());
     let handler = Handler::new(
         vec![memory.clone()],
