@@ -241,6 +241,7 @@ class RemoteSource:
         give_up_after: float = 30.0,
         insecure_no_token: bool = False,
         window: int = 33554432,
+        urgent_channel: bool = True,
     ) -> Self: ...
     @property
     def address(self) -> str:

@@ -20,6 +20,10 @@ use crate::source::PageSource;
 /// server that goes away is reconnected with backoff and asked again for every page still
 /// outstanding; after `give_up_after` seconds the handler fail-stops with `SourceError`.
 /// The server's poison set, received up front, joins the handler's poison.
+///
+/// `window` bounds the bytes of background requests in flight. `urgent_channel=False` sends fault
+/// requests behind the background stream on one connection; it exists to measure what the
+/// urgent channel is worth, not for production.
 #[pyclass(frozen, module = "pagewarden._native")]
 pub struct RemoteSource {
     core: Arc<CoreRemote>,
@@ -36,7 +40,7 @@ impl RemoteSource {
 impl RemoteSource {
     /// Connects to `address` ("host:port").
     #[new]
-    #[pyo3(signature = (address, token = None, *, give_up_after = 30.0, insecure_no_token = false, window = 33554432))]
+    #[pyo3(signature = (address, token = None, *, give_up_after = 30.0, insecure_no_token = false, window = 33554432, urgent_channel = true))]
     fn new(
         py: Python<'_>,
         address: String,
@@ -44,6 +48,7 @@ impl RemoteSource {
         give_up_after: f64,
         insecure_no_token: bool,
         window: u64,
+        urgent_channel: bool,
     ) -> PyResult<Self> {
         if !(give_up_after.is_finite() && give_up_after >= 0.0) {
             return Err(Error::Config(format!(
@@ -61,6 +66,7 @@ impl RemoteSource {
         config.insecure_no_token = insecure_no_token;
         config.give_up_after = Duration::from_secs_f64(give_up_after);
         config.window = window;
+        config.urgent_channel = urgent_channel;
         let core = py.detach(move || CoreRemote::connect(config)).py_err()?;
         Ok(Self {
             core: Arc::new(core),

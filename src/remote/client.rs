@@ -44,6 +44,9 @@ pub struct RemoteConfig {
     pub window: u64,
     /// Timeout of one connection attempt (connect plus handshake).
     pub connect_timeout: Duration,
+    /// Send fault requests on their own connection (the default). Off, they queue behind the
+    /// background stream: only for measuring what the urgent channel is worth.
+    pub urgent_channel: bool,
 }
 
 impl RemoteConfig {
@@ -56,6 +59,7 @@ impl RemoteConfig {
             give_up_after: Duration::from_secs(30),
             window: 32 << 20,
             connect_timeout: Duration::from_secs(5),
+            urgent_channel: true,
         }
     }
 }
@@ -102,6 +106,8 @@ struct Request {
     len: u64,
     done: u64,
     since: Instant,
+    /// A thread is blocked on it.
+    urgent: bool,
 }
 
 #[derive(Default)]
@@ -353,7 +359,7 @@ impl Inner {
                     r.len -= r.done;
                     r.done = 0;
                     let mut h = Header::new(Kind::Request, r.guest_address, r.len);
-                    if i == Role::Urgent as usize {
+                    if r.urgent {
                         h.flags = FLAG_URGENT;
                     }
                     write_frame(&mut writer, &h, &[])?;
@@ -640,21 +646,21 @@ impl Inner {
                 let mut channels = lock(&self.channels);
                 let c = &mut channels.ch[channel];
                 let mut since = None;
-                let mut finished = 0;
+                let mut finished = None;
                 if let Some(r) = c.requests.front_mut() {
                     r.done += h.length;
                     if r.done == r.len {
-                        since = Some(r.since);
-                        finished = r.len;
+                        since = Some(r.since).filter(|_| r.urgent);
+                        finished = Some((r.len, r.urgent));
                     }
                 }
-                if finished > 0 {
+                if let Some((len, urgent)) = finished {
                     c.requests.pop_front();
-                    if channel == Role::Bulk as usize {
-                        channels.bulk_in_flight -= finished;
+                    if !urgent {
+                        channels.bulk_in_flight -= len;
                     }
                 }
-                since.filter(|_| channel == Role::Urgent as usize)
+                since
             };
             self.answered.store(true, Ordering::Release);
             self.last_answer
@@ -692,7 +698,11 @@ impl PageSource for RemoteSource {
                 len,
                 reason: e.to_string(),
             })?;
-        let role = if urgent { Role::Urgent } else { Role::Bulk };
+        let role = if urgent && inner.config.urgent_channel {
+            Role::Urgent
+        } else {
+            Role::Bulk
+        };
         let mut channels = lock(&inner.channels);
         if !urgent {
             if channels.bulk_in_flight > 0 && channels.bulk_in_flight + len > inner.config.window {
@@ -706,6 +716,7 @@ impl PageSource for RemoteSource {
             len,
             done: 0,
             since: Instant::now(),
+            urgent,
         });
         if let Some(stream) = c.stream.as_mut() {
             let mut h = Header::new(Kind::Request, guest_address, len);
