@@ -10,6 +10,7 @@ pub mod kvm;
 pub mod memory;
 pub mod pagestate;
 pub mod poison;
+pub mod policy;
 pub mod remote;
 pub mod source;
 pub mod sys;

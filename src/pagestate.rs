@@ -79,6 +79,8 @@ impl PageState {
             // Dropped by the guest (private memory) while its request was out: the answer is
             // discarded and the page reads zero.
             (Requested, Removed) | (Urgent, Removed) => true,
+            // A policy said to retry: the page is missing again and its thread faults again.
+            (Requested, Missing) | (Urgent, Missing) => true,
             _ => false,
         }
     }

@@ -35,10 +35,14 @@ from pagewarden._native import (
     page_checksum,
     serve,
 )
+from pagewarden.policy import Action, Event, Fault, Policy
 
 __all__ = [
+    "Action",
     "ConfigurationError",
     "Engine",
+    "Event",
+    "Fault",
     "FileSource",
     "GuestAddressError",
     "GuestMemory",
@@ -50,6 +54,7 @@ __all__ = [
     "PoisonJournalWarning",
     "PoisonSet",
     "PoisonedPageError",
+    "Policy",
     "PolicyError",
     "ProcessMemory",
     "ProtocolError",

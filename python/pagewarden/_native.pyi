@@ -8,6 +8,8 @@ from typing import Any, Literal, Protocol, Self, final
 
 from typing_extensions import Buffer
 
+from pagewarden.policy import Policy
+
 __version__: str
 __all__ = [
     "ConfigurationError",
@@ -278,7 +280,7 @@ class Engine:
     def handlers(self) -> int:
         """Handlers running on this engine now."""
     def close(self) -> None:
-        """Lets the threads end once every handler on them is closed, and waits. Idempotent."""
+        """Stops the handlers still on it (fail-stop), ends the threads, waits. Idempotent."""
     def __enter__(self) -> Self: ...
     def __exit__(
         self,
@@ -303,7 +305,12 @@ class Handler:
         prefetch_order: Iterable[int | tuple[int, int]] | None = None,
         record_access: bool = False,
         engine: Engine | None = None,
+        policy: Policy | None = None,
+        policy_timeout: float = 0.05,
+        progress_interval: float = 1.0,
     ) -> Self: ...
+    def _policy_failed(self, exc: BaseException) -> None:
+        """Records the first exception a policy callback raised (for the dispatcher)."""
     def access_log(self) -> list[int]:
         """Guest addresses in the order of their first fault (needs ``record_access=True``)."""
     def start(self) -> None:

@@ -16,8 +16,8 @@ use super::{Mode, Region, Shared, Stats};
 use crate::error::{Error, Result};
 use crate::memory::MemoryKind;
 use crate::pagestate::PageState;
-use crate::source::{Completion, PageData};
-use crate::sys::{UffdEvent, UffdMsg, UFFD_PAGEFAULT_FLAG_MINOR};
+use crate::source::{Completion, PageData, Want};
+use crate::sys::{UffdEvent, UffdMsg, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WRITE};
 use crate::uffd::Partial;
 
 const MESSAGE_BATCH: usize = 64;
@@ -30,8 +30,23 @@ const RETRY_CAPACITY: usize = 4096;
 struct PendingFault {
     region: usize,
     index: usize,
-    minor: bool,
+    /// The fault message's flags (write, minor).
+    flags: u64,
+    thread_id: u32,
     started: Instant,
+}
+
+impl PendingFault {
+    fn minor(&self) -> bool {
+        self.flags & UFFD_PAGEFAULT_FLAG_MINOR != 0
+    }
+
+    fn want(&self) -> Want {
+        Want::Fault {
+            write: self.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+            thread_id: self.thread_id,
+        }
+    }
 }
 
 /// What fills a run of claimed pages.
@@ -94,7 +109,7 @@ impl EventLoop {
     /// A loop over `sh`; `failed` starts it fail-stop (after an internal error).
     pub(crate) fn new(sh: Arc<Shared>, failed: bool) -> Self {
         let plan = std::mem::take(&mut *sh.prefetch_plan.lock().unwrap_or_else(|e| e.into_inner()));
-        let async_source = sh.source.ready_fd().is_some();
+        let async_source = !sh.source.ready_fds().is_empty();
         let prefetching = sh.config.prefetch && !failed;
         Self {
             sh,
@@ -125,7 +140,7 @@ impl EventLoop {
     pub(crate) fn register(&self, epoll: &Epoll, token: u64) -> Result<()> {
         let sh = &self.sh;
         let mut fds = vec![sh.uffd.as_fd(), sh.stop_event.as_fd()];
-        fds.extend(sh.source.ready_fd());
+        fds.extend(sh.source.ready_fds());
         for fd in fds {
             epoll
                 .add(fd, EpollEvent::new(EpollFlags::EPOLLIN, token))
@@ -139,7 +154,7 @@ impl EventLoop {
         let sh = &self.sh;
         let _ = epoll.delete(sh.uffd.as_fd());
         let _ = epoll.delete(sh.stop_event.as_fd());
-        if let Some(fd) = sh.source.ready_fd() {
+        for fd in sh.source.ready_fds() {
             let _ = epoll.delete(fd);
         }
     }
@@ -174,7 +189,9 @@ impl EventLoop {
                 (self.chunk * 2).min(PREFETCH_MAX)
             };
             if let Err(e) = self.prefetch_step() {
-                self.fail(e);
+                if !self.divert_source_error(&e) {
+                    self.fail(e);
+                }
             }
             return Ok(Step::More);
         }
@@ -250,10 +267,15 @@ impl EventLoop {
                 }
             }
             for i in 0..n {
-                if let UffdEvent::PageFault { flags, address, .. } = self.messages[i].decode() {
+                if let UffdEvent::PageFault {
+                    flags,
+                    address,
+                    thread_id,
+                } = self.messages[i].decode()
+                {
                     faults += 1;
                     Stats::add(&self.sh.stats.faults, 1);
-                    self.fault(flags, address, now);
+                    self.fault(flags, address, thread_id, now);
                 }
             }
             if n < MESSAGE_BATCH {
@@ -282,7 +304,7 @@ impl EventLoop {
             })
     }
 
-    fn fault(&mut self, flags: u64, address: u64, started: Instant) {
+    fn fault(&mut self, flags: u64, address: u64, thread_id: u32, started: Instant) {
         let Some((region, index)) = self.locate(address) else {
             // Not ours (a region moved by mremap, say): fence the page rather than leave the
             // thread asleep or give it zeros.
@@ -291,11 +313,11 @@ impl EventLoop {
             let _ = self.sh.uffd.poison(page, 4096, true);
             return;
         };
-        let minor = flags & UFFD_PAGEFAULT_FLAG_MINOR != 0;
         self.resolve(PendingFault {
             region,
             index,
-            minor,
+            flags,
+            thread_id,
             started,
         });
     }
@@ -312,6 +334,9 @@ impl EventLoop {
                 }
             }
             Err(e) => {
+                if self.divert_source_error(&e) {
+                    return;
+                }
                 self.fail(e);
                 self.fence(fault.region, fault.index);
                 self.sh.stats.record_latency(fault.started.elapsed());
@@ -343,7 +368,7 @@ impl EventLoop {
                     return self.resolve_inner(fault);
                 }
                 let gpa = region.guest_address_of_page(fault.index);
-                match sh.source.fetch(gpa, region.page_size, true)? {
+                match sh.source.fetch(gpa, region.page_size, fault.want())? {
                     PageData::Pending => Ok(Outcome::Parked),
                     other => Err(Error::Source {
                         source_name: sh.source.name(),
@@ -356,7 +381,7 @@ impl EventLoop {
             PageState::Missing => match region.states.claim(fault.index) {
                 Ok(prev) => {
                     let gpa = region.guest_address_of_page(fault.index);
-                    let fill = match sh.source.fetch(gpa, region.page_size, true) {
+                    let fill = match sh.source.fetch(gpa, region.page_size, fault.want()) {
                         Ok(PageData::Address(a)) => Fill::Source(a),
                         Ok(PageData::Zero) => Fill::Zero,
                         Ok(PageData::Pending) => {
@@ -393,7 +418,7 @@ impl EventLoop {
                 Ok(prev) => {
                     // A MINOR fault on a removed page: DONTNEED on shared memory leaves the page
                     // cache as it was, so map it as it is; a hole reads zero.
-                    let fill = if minor_mode && fault.minor {
+                    let fill = if minor_mode && fault.minor() {
                         Fill::PageCache
                     } else {
                         Fill::Zero
@@ -677,7 +702,18 @@ impl EventLoop {
                 len,
                 urgent_since,
             } => self.complete_fill(guest_address, len, None, urgent_since),
-            Completion::Poison { guest_address, len } => self.complete_poison(guest_address, len),
+            Completion::Address {
+                guest_address,
+                address,
+                len,
+                urgent_since,
+            } => self.complete_fill(guest_address, len, Some(address), urgent_since),
+            Completion::Poison {
+                guest_address,
+                len,
+                by_policy,
+            } => self.complete_poison(guest_address, len, by_policy),
+            Completion::Retry { guest_address, len } => self.complete_retry(guest_address, len),
             Completion::Failed { error, .. } => self.fail(error),
         }
     }
@@ -686,8 +722,10 @@ impl EventLoop {
     fn guest_range(&self, guest_address: u64, len: u64) -> Option<(usize, usize, usize)> {
         self.sh.regions.iter().enumerate().find_map(|(ri, r)| {
             r.memory.contains_guest(guest_address, len).then(|| {
-                let first = ((guest_address - r.memory.guest_address()) / r.page_size) as usize;
-                (ri, first, (len / r.page_size) as usize)
+                let offset = guest_address - r.memory.guest_address();
+                let first = (offset / r.page_size) as usize;
+                let end = (offset + len).div_ceil(r.page_size) as usize;
+                (ri, first, end - first)
             })
         })
     }
@@ -795,7 +833,7 @@ impl EventLoop {
 
     /// The source found `[guest_address, +len)` poisoned: every page not yet brought in becomes
     /// poisoned here too (a page already present keeps the bytes it was sent before).
-    fn complete_poison(&mut self, guest_address: u64, len: u64) {
+    fn complete_poison(&mut self, guest_address: u64, len: u64, by_policy: bool) {
         let Some((ri, first, n)) = self.guest_range(guest_address, len) else {
             return;
         };
@@ -811,7 +849,15 @@ impl EventLoop {
             {
                 continue;
             }
-            Stats::add(&sh.stats.pages_poisoned_source, 1);
+            let counter = if by_policy {
+                &sh.stats.pages_poisoned_policy
+            } else {
+                &sh.stats.pages_poisoned_source
+            };
+            Stats::add(counter, 1);
+            if let Some(hub) = sh.hub.get() {
+                hub.poison_changed();
+            }
             if let Some(journal) = sh.journal.get() {
                 journal.append(&[(region.guest_address_of_page(k), region.page_size)]);
             }
@@ -831,6 +877,66 @@ impl EventLoop {
         }
     }
 
+    /// A policy said to retry: the pages go back to Missing and their threads fault again.
+    fn complete_retry(&mut self, guest_address: u64, len: u64) {
+        let Some((ri, first, n)) = self.guest_range(guest_address, len) else {
+            return;
+        };
+        let region = &self.sh.regions[ri];
+        for k in first..first + n {
+            for from in [PageState::Urgent, PageState::Requested] {
+                if region.states.transition_from(k, from, PageState::Missing) {
+                    break;
+                }
+            }
+        }
+        let ps = region.page_size;
+        let _ = self
+            .sh
+            .uffd
+            .wake(region.start + first as u64 * ps, n as u64 * ps);
+    }
+
+    /// A source error on pages the loop was filling: if the source takes it from here (a
+    /// policy decides), the pages wait for its answer instead of failing the handler.
+    fn divert_source_error(&mut self, error: &Error) -> bool {
+        let Error::Source {
+            guest_address, len, ..
+        } = *error
+        else {
+            return false;
+        };
+        if self.failed {
+            return false;
+        }
+        let Some((ri, first, n)) = self.guest_range(guest_address, len.max(1)) else {
+            return false;
+        };
+        let owner = Arc::clone(&self.sh);
+        let region = &owner.regions[ri];
+        let n = n.max(1);
+        let claimed: Vec<usize> = (first..first + n)
+            .filter(|&k| {
+                region
+                    .states
+                    .transition_from(k, PageState::Missing, PageState::InFlight)
+            })
+            .collect();
+        if claimed.is_empty() {
+            return false;
+        }
+        let diverted = owner.source.source_failed(guest_address, len, error);
+        let to = if diverted {
+            PageState::Urgent
+        } else {
+            PageState::Missing
+        };
+        for k in claimed {
+            region.states.transition_from(k, PageState::InFlight, to);
+        }
+        diverted
+    }
+
     /// Reads queued messages without resolving faults: events are applied, faults wait in the
     /// retry list (used while an answer is being applied and an event got in the way).
     fn absorb_messages(&mut self) {
@@ -842,17 +948,22 @@ impl EventLoop {
             let now = Instant::now();
             for i in 0..n {
                 match self.messages[i].decode() {
-                    UffdEvent::PageFault { flags, address, .. } => {
+                    UffdEvent::PageFault {
+                        flags,
+                        address,
+                        thread_id,
+                    } => {
                         Stats::add(&self.sh.stats.faults, 1);
                         if let Some((region, index)) = self.locate(address) {
                             self.retry.push(PendingFault {
                                 region,
                                 index,
-                                minor: flags & UFFD_PAGEFAULT_FLAG_MINOR != 0,
+                                flags,
+                                thread_id,
                                 started: now,
                             });
                         } else {
-                            self.fault(flags, address, now);
+                            self.fault(flags, address, thread_id, now);
                         }
                     }
                     event => self.event(event),
@@ -939,7 +1050,10 @@ impl EventLoop {
                 continue;
             }
             let gpa = region.guest_address_of_page(i);
-            let fill = match sh.source.fetch(gpa, n as u64 * region.page_size, false) {
+            let fill = match sh
+                .source
+                .fetch(gpa, n as u64 * region.page_size, Want::Background)
+            {
                 Ok(PageData::Address(a)) => Fill::Source(a),
                 Ok(PageData::Zero) => Fill::Zero,
                 Ok(PageData::Pending) => {
@@ -988,14 +1102,17 @@ impl EventLoop {
         match event {
             UffdEvent::Remove { start, end } => {
                 Stats::add(&stats.remove_events, 1);
+                self.report_event("remove", start, end);
                 self.mark_removed(start, end);
             }
             UffdEvent::Unmap { start, end } => {
                 Stats::add(&stats.unmap_events, 1);
+                self.report_event("unmap", start, end);
                 self.mark_removed(start, end);
             }
-            UffdEvent::Remap { .. } => {
+            UffdEvent::Remap { from, len, .. } => {
                 Stats::add(&stats.remap_events, 1);
+                self.report_event("remap", from, from.saturating_add(len));
                 self.fail(Error::Config(
                     "guest memory was moved with mremap, which pagewarden does not follow; \
                      the handler stopped (fail-stop)"
@@ -1007,6 +1124,17 @@ impl EventLoop {
                 drop(crate::sys::own_fd(ufd));
             }
             UffdEvent::PageFault { .. } | UffdEvent::Unknown { .. } => {}
+        }
+    }
+
+    /// Tells the policy about an event on host range `[start, end)`, in guest addresses.
+    fn report_event(&self, kind: &'static str, start: u64, end: u64) {
+        let Some(hub) = self.sh.hub.get() else { return };
+        for r in &self.sh.regions {
+            let (lo, hi) = (start.max(r.start), end.min(r.end));
+            if lo < hi {
+                hub.event(kind, r.memory.guest_address() + (lo - r.start), hi - lo);
+            }
         }
     }
 

@@ -125,6 +125,8 @@ pub(crate) struct Shared {
     /// The poison journal, if any: poison found at the source is appended by the loop (queued
     /// for the journal's writer thread; the loop never waits for the disk).
     pub(crate) journal: OnceLock<Arc<Journal>>,
+    /// Where a policy hears about events and poison, when the handler has one.
+    pub(crate) hub: OnceLock<Arc<crate::policy::Hub>>,
     status: Mutex<Status>,
     cond: Condvar,
 }
@@ -604,6 +606,7 @@ impl Handler {
             access_len: AtomicUsize::new(0),
             prefetch_plan: Mutex::new(Vec::new()),
             journal: OnceLock::new(),
+            hub: OnceLock::new(),
             status: Mutex::new(Status::default()),
             cond: Condvar::new(),
         };
@@ -686,6 +689,11 @@ impl Handler {
         } else {
             Ok(())
         }
+    }
+
+    /// Lets a policy hear about events and poison (before start).
+    pub fn set_policy_hub(&self, hub: Arc<crate::policy::Hub>) {
+        let _ = self.shared.hub.set(hub);
     }
 
     /// The first fatal error, if the handler has failed.
@@ -865,6 +873,11 @@ impl Handler {
             &self.shared.stats.pages_poisoned_runtime,
             newly.len() as u64,
         );
+        if !newly.is_empty() {
+            if let Some(hub) = self.shared.hub.get() {
+                hub.poison_changed();
+            }
+        }
         Ok(newly.len() as u64)
     }
 

@@ -79,6 +79,8 @@ counters! {
     pages_poisoned_runtime,
     /// Pages an asynchronous source reported poisoned after the start (found at the source).
     pages_poisoned_source,
+    /// Pages a policy decided to poison (`on_fault` / `on_source_error` answered POISON).
+    pages_poisoned_policy,
     /// Pages brought in by background prefetch rather than by a fault.
     pages_prefetched,
     /// Of those, pages brought in by the prefetch order given (a recorded working set).

@@ -13,6 +13,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::poll::PollTimeout;
@@ -143,8 +144,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Lets the worker threads end once every handler on them has finished, and waits for them
-    /// when `join` (never from a thread that must keep serving faults). Idempotent.
+    /// Stops the handlers still on the engine (as their `close` would: pages still missing are
+    /// fenced) and lets the worker threads end; waits for them when `join` (never from a thread
+    /// that must keep serving faults). Idempotent.
     pub fn close(&self, join: bool) {
         for w in &self.workers {
             w.closing.store(true, Ordering::Release);
@@ -169,6 +171,8 @@ impl Drop for Engine {
 
 struct Slot {
     event_loop: EventLoop,
+    /// Its source can have deadlines (a policy that decides faults).
+    has_deadlines: bool,
     /// Step it without waiting for its fds.
     more: bool,
     /// Restarted fail-stop after a panic once already.
@@ -181,6 +185,11 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// True if any loop's source has decisions with deadlines (cheap to ask only then).
+fn deadlines_pending(slots: &[Option<Slot>]) -> bool {
+    slots.iter().flatten().any(|s| s.has_deadlines)
 }
 
 fn run_worker(worker: &Worker, epoll: &Epoll) {
@@ -204,8 +213,10 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
                     worker.load.fetch_sub(1, Ordering::AcqRel);
                     continue;
                 }
+                let has_deadlines = event_loop.shared().source.has_deadlines();
                 let slot = Slot {
                     event_loop,
+                    has_deadlines,
                     more: true,
                     restarted: false,
                 };
@@ -214,6 +225,14 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
                 } else {
                     slots[index] = Some(slot);
                 }
+            }
+        }
+        if worker.closing.load(Ordering::Acquire) {
+            // Closing the engine stops the handlers still on it (fail-stop: what is missing is
+            // fenced), rather than waiting for them forever.
+            for slot in slots.iter_mut().flatten() {
+                slot.event_loop.shared().stop.store(true, Ordering::Release);
+                slot.more = true;
             }
         }
         // Which loops have readable fds.
@@ -294,7 +313,25 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
                 0
             };
         } else {
-            ready = match epoll.wait(&mut events, PollTimeout::NONE) {
+            // A pending decision's deadline bounds the sleep: when it passes, that loop applies
+            // the native default.
+            let deadline = slots
+                .iter()
+                .flatten()
+                .filter(|s| s.has_deadlines)
+                .filter_map(|s| s.event_loop.shared().source.next_deadline())
+                .min();
+            let timeout = match deadline {
+                None => PollTimeout::NONE,
+                Some(d) => {
+                    let ms = d
+                        .saturating_duration_since(Instant::now())
+                        .as_micros()
+                        .div_ceil(1000);
+                    PollTimeout::try_from(ms.min(60_000) as i32).unwrap_or(PollTimeout::NONE)
+                }
+            };
+            ready = match epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
                 Err(e) => {
@@ -309,6 +346,20 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
         }
         if events[..ready].iter().any(|e| e.data() == WAKE_TOKEN) {
             let _ = worker.wake.read();
+        }
+        if deadlines_pending(&slots) {
+            let now = Instant::now();
+            for slot in slots.iter_mut().flatten() {
+                if slot
+                    .event_loop
+                    .shared()
+                    .source
+                    .next_deadline()
+                    .is_some_and(|d| d <= now)
+                {
+                    slot.more = true;
+                }
+            }
         }
     }
 }

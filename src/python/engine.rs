@@ -39,8 +39,9 @@ impl Engine {
         self.inner.handlers()
     }
 
-    /// Lets the threads end once every handler on them is closed, and waits for that (close the
-    /// handlers first). Idempotent; handlers cannot start on a closed engine.
+    /// Stops the handlers still running on it (pages still missing are fenced, as by their
+    /// `close()`), ends the threads and waits for them. Idempotent; handlers cannot start on a
+    /// closed engine.
     fn close(&self, py: Python<'_>) {
         let inner = self.inner.clone();
         py.detach(move || inner.close(true));

@@ -9,14 +9,16 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use super::error::IntoPy;
+use super::error::{to_py, IntoPy, PolicyError};
 use super::memory::GuestMemory;
 use super::poison::PoisonSet;
 use crate::engine::{Handler as CoreHandler, HandlerConfig, Mode};
 use crate::error::Error;
 use crate::memory::GuestMemory as CoreMemory;
 use crate::poison::PoisonSet as CorePoisonSet;
+use crate::policy::{Action, Consults, Hub, PolicySource, Work};
 use crate::source::{self, PageSource};
+use std::sync::Mutex;
 
 /// A guest memory image file: the byte at offset X is guest address X. Mapped read-only; pages
 /// are copied by the kernel straight from the file's page cache.
@@ -180,10 +182,83 @@ fn memories_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Arc<CoreMemory>>> {
 /// "missing" (any memory) or "minor" (memfd memory: the page cache is filled, then
 /// UFFDIO_CONTINUE maps it). With `prefetch`, every page is also brought in in the background,
 /// faults first.
-#[pyclass(frozen, module = "pagewarden._native")]
+#[pyclass(frozen, weakref, module = "pagewarden._native")]
 pub struct Handler {
     inner: CoreHandler,
     engine: Option<Arc<crate::engine::Engine>>,
+    /// The Python policy and its hub, when the handler has one.
+    policy: Option<(Py<PyAny>, Arc<Hub>)>,
+    progress_interval: f64,
+    /// The policy's dispatcher thread (a `pagewarden.policy._Dispatcher`), once started.
+    dispatcher: Mutex<Option<Py<PyAny>>>,
+    /// The first exception a policy callback raised, not yet reported.
+    policy_error: Mutex<Option<Py<PyAny>>>,
+}
+
+/// The hub a policy dispatcher talks to (private: used by `pagewarden.policy`).
+#[pyclass(frozen, module = "pagewarden._native", name = "_PolicyHub")]
+pub struct PolicyHub {
+    hub: Arc<Hub>,
+}
+
+#[pymethods]
+impl PolicyHub {
+    /// Waits up to `timeout` seconds (GIL released) for work; returns (items, poison_changed,
+    /// stopped). Items: (0, ticket, guest_address, page_size, write, thread_id) for a fault,
+    /// (1, ticket, guest_address, length, message) for a source error, (2, kind, guest_address,
+    /// length) for an event.
+    fn next<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: f64,
+    ) -> PyResult<(Bound<'py, PyList>, bool, bool)> {
+        let hub = self.hub.clone();
+        let t = Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+        let (work, changed, stopped) = py.detach(move || hub.next(t));
+        let items = PyList::empty(py);
+        for w in work {
+            match w {
+                Work::Fault {
+                    ticket,
+                    guest_address,
+                    page_size,
+                    write,
+                    thread_id,
+                } => items.append((0u8, ticket, guest_address, page_size, write, thread_id))?,
+                Work::SourceError {
+                    ticket,
+                    guest_address,
+                    len,
+                    error,
+                } => items.append((
+                    1u8,
+                    ticket,
+                    guest_address,
+                    len,
+                    to_py(error).value(py).clone(),
+                ))?,
+                Work::Event {
+                    kind,
+                    guest_address,
+                    len,
+                } => items.append((2u8, kind, guest_address, len))?,
+            }
+        }
+        Ok((items, changed, stopped))
+    }
+
+    /// Answers tickets: (ticket, code) with code 0 default, 1 copy, 2 zero, 3 poison, 4 retry.
+    fn answer(&self, answers: Vec<(u64, u8)>) -> PyResult<()> {
+        let mut decoded = Vec::with_capacity(answers.len());
+        for (ticket, code) in answers {
+            let action = Action::from_code(code).ok_or_else(|| {
+                to_py(Error::Config(format!("unknown policy action code {code}")))
+            })?;
+            decoded.push((ticket, action));
+        }
+        self.hub.answer(&decoded);
+        Ok(())
+    }
 }
 
 /// `prefetch_order`: guest addresses (one page each) or `(guest_address, length)` pairs.
@@ -219,6 +294,48 @@ fn check_timeout(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     }
 }
 
+impl Handler {
+    /// Raises the first unreported policy exception as a PolicyError with it as `__cause__`.
+    fn raise_policy_error(&self, py: Python<'_>) -> PyResult<()> {
+        let exc = self
+            .policy_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(exc) = exc else { return Ok(()) };
+        let cause = PyErr::from_value(exc.into_bound(py));
+        let err = PolicyError::new_err((
+            crate::error::Error::Config(String::new()).errno() as i32,
+            format!(
+                "a policy callback raised {}; the native default applied (see __cause__)",
+                cause
+                    .value(py)
+                    .repr()
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|_| "an exception".into())
+            ),
+        ));
+        err.set_cause(py, Some(cause));
+        Err(err)
+    }
+
+    /// Stops the policy's dispatcher thread and waits for it.
+    fn stop_dispatcher(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some((_, hub)) = &self.policy {
+            hub.stop();
+        }
+        let dispatcher = self
+            .dispatcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(d) = dispatcher {
+            d.bind(py).call_method0("join")?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Handler {
     fn drop(&mut self) {
         // Dropped by Python with the GIL held: release it while the event loop thread is joined,
@@ -234,7 +351,7 @@ impl Handler {
     /// until `start()`.
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None))]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None, policy = None, policy_timeout = 0.05, progress_interval = 1.0))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
@@ -247,8 +364,11 @@ impl Handler {
         prefetch_order: Option<&Bound<'_, PyAny>>,
         record_access: bool,
         engine: Option<&super::engine::Engine>,
+        policy: Option<&Bound<'_, PyAny>>,
+        policy_timeout: f64,
+        progress_interval: f64,
     ) -> PyResult<Self> {
-        let order = prefetch_order.map(ranges_of).transpose()?;
+        let mut order = prefetch_order.map(ranges_of).transpose()?;
         let uffd = match uffd {
             None => None,
             Some(raw) => {
@@ -259,7 +379,49 @@ impl Handler {
             }
         };
         let memories = memories_of(memory)?;
-        let source = source_of(source)?;
+        let mut source = source_of(source)?;
+        let mut hub = None;
+        if let Some(policy) = policy {
+            for (name, value) in [
+                ("policy_timeout", policy_timeout),
+                ("progress_interval", progress_interval),
+            ] {
+                if !(value.is_finite() && value > 0.0) {
+                    return Err(Error::Config(format!(
+                        "{name} must be a positive number of seconds, not {value}"
+                    )))
+                    .py_err();
+                }
+            }
+            let module = py.import("pagewarden.policy")?;
+            let (faults, source_errors): (bool, bool) =
+                module.call_method1("_consults", (policy,))?.extract()?;
+            let h = Hub::new().py_err()?;
+            if faults || source_errors {
+                source = Arc::new(PolicySource::new(
+                    source,
+                    h.clone(),
+                    Consults {
+                        faults,
+                        source_errors,
+                    },
+                    Duration::from_secs_f64(policy_timeout),
+                ));
+            }
+            let planned = module.call_method1("_prefetch_order", (policy, memory))?;
+            if !planned.is_none() {
+                if order.is_some() {
+                    return Err(Error::Config(
+                        "give the prefetch order either as prefetch_order= or by the policy's \
+                         prefetch_order(), not both"
+                            .into(),
+                    ))
+                    .py_err();
+                }
+                order = Some(ranges_of(&planned)?);
+            }
+            hub = Some((policy.clone().unbind(), h));
+        }
         let mode = Mode::parse(mode).py_err()?;
         let poison = match poison {
             Some(p) => p.get().clone(),
@@ -304,10 +466,26 @@ impl Handler {
         if record_access {
             inner.record_accesses().py_err()?;
         }
+        if let Some((_, h)) = &hub {
+            inner.set_policy_hub(h.clone());
+        }
         Ok(Self {
             inner,
             engine: engine.map(|e| e.inner.clone()),
+            policy: hub,
+            progress_interval,
+            dispatcher: Mutex::new(None),
+            policy_error: Mutex::new(None),
         })
+    }
+
+    /// Called by the policy dispatcher with the first exception a callback raised; it is
+    /// raised as the `__cause__` of a PolicyError by the next wait(), check() or close().
+    fn _policy_failed(&self, exc: Py<PyAny>) {
+        let mut slot = self.policy_error.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(exc);
+        }
     }
 
     /// Guest addresses of the pages faulted in so far, in the order of their first fault
@@ -320,8 +498,19 @@ impl Handler {
 
     /// Starts serving: on the `engine` given, else on a native thread of its own; returns at
     /// once.
-    fn start(&self) -> PyResult<()> {
-        self.inner.start_on(self.engine.clone()).py_err()
+    fn start(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let this = slf.get();
+        this.inner.start_on(this.engine.clone()).py_err()?;
+        if let Some((policy, hub)) = &this.policy {
+            let py = slf.py();
+            let hub_obj = Py::new(py, PolicyHub { hub: hub.clone() })?;
+            let dispatcher = py.import("pagewarden.policy")?.call_method1(
+                "_start_dispatcher",
+                (slf, policy.bind(py), hub_obj, this.progress_interval),
+            )?;
+            *this.dispatcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(dispatcher.unbind());
+        }
+        Ok(())
     }
 
     /// Waits until every page is present, poisoned or removed (True) or `timeout` seconds pass
@@ -337,8 +526,12 @@ impl Handler {
                     .min(Duration::from_millis(50)),
                 None => Duration::from_millis(50),
             };
+            self.raise_policy_error(py)?;
             match py.detach(|| self.inner.wait(Some(slice))).py_err()? {
-                true => return Ok(true),
+                true => {
+                    self.raise_policy_error(py)?;
+                    return Ok(true);
+                }
                 false => {
                     py.check_signals()?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -359,7 +552,8 @@ impl Handler {
 
     /// Non-blocking: consumes the notification and returns True once every page is resolved;
     /// raises the handler's first fatal error, or HandlerClosedError if it stopped.
-    fn process_events(&self) -> PyResult<bool> {
+    fn process_events(&self, py: Python<'_>) -> PyResult<bool> {
+        self.raise_policy_error(py)?;
         self.inner.process_events().py_err()
     }
 
@@ -377,7 +571,8 @@ impl Handler {
     }
 
     /// Raises the handler's first fatal error, if any; otherwise returns None.
-    fn check(&self) -> PyResult<()> {
+    fn check(&self, py: Python<'_>) -> PyResult<()> {
+        self.raise_policy_error(py)?;
         match self.inner.failure() {
             Some(e) => Err(e).py_err(),
             None => Ok(()),
@@ -404,6 +599,11 @@ impl Handler {
         d.set_item("pages_total", s.pages_total)?;
         d.set_item("pages_resolved", s.pages_resolved)?;
         d.set_item("pages_missing", s.pages_total - s.pages_resolved)?;
+        if let Some((_, hub)) = &self.policy {
+            for (name, value) in hub.stats.snapshot() {
+                d.set_item(name, value)?;
+            }
+        }
         Ok(d)
     }
 
@@ -469,17 +669,32 @@ impl Handler {
 
     /// Stops the event loop and releases the memory. Pages still missing are fenced (poisoned)
     /// so that a later access raises SIGBUS instead of reading zeros. Idempotent.
-    fn close(&self, py: Python<'_>) {
+    /// With a policy, its dispatcher is stopped first, and an exception a callback raised and
+    /// no call has reported yet is raised here as PolicyError (after closing).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let stopped = self.stop_dispatcher(py);
         py.detach(|| self.inner.close());
+        stopped?;
+        self.raise_policy_error(py)
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
 
-    #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
-        self.close(py);
-        false
+    /// Closes; a pending PolicyError is raised only if the block itself did not raise.
+    #[pyo3(signature = (exc_type, _exc, _tb))]
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        exc_type: &Bound<'_, PyAny>,
+        _exc: &Bound<'_, PyAny>,
+        _tb: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let closed = self.close(py);
+        if exc_type.is_none() {
+            closed?;
+        }
+        Ok(false)
     }
 }

@@ -27,7 +27,7 @@ use super::protocol::{
     Header, Kind, Role, FLAG_URGENT, MAX_DATA,
 };
 use crate::error::{Error, Result};
-use crate::source::{Completion, PageData, PageSource};
+use crate::source::{Completion, PageData, PageSource, Want};
 
 /// Settings of a [`RemoteSource`].
 #[derive(Debug, Clone)]
@@ -684,10 +684,18 @@ impl PageSource for RemoteSource {
     }
 
     fn locate(&self, guest_address: u64, len: u64) -> Result<PageData> {
-        self.fetch(guest_address, len, true)
+        self.fetch(
+            guest_address,
+            len,
+            Want::Fault {
+                write: false,
+                thread_id: 0,
+            },
+        )
     }
 
-    fn fetch(&self, guest_address: u64, len: u64, urgent: bool) -> Result<PageData> {
+    fn fetch(&self, guest_address: u64, len: u64, want: Want) -> Result<PageData> {
+        let urgent = want.urgent();
         let inner = &self.inner;
         inner
             .geometry
@@ -737,8 +745,8 @@ impl PageSource for RemoteSource {
         Ok(PageData::Pending)
     }
 
-    fn ready_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.inner.ready.as_fd())
+    fn ready_fds(&self) -> Vec<BorrowedFd<'_>> {
+        vec![self.inner.ready.as_fd()]
     }
 
     fn drain(&self, sink: &mut dyn FnMut(Completion<'_>)) {
@@ -769,6 +777,7 @@ impl PageSource for RemoteSource {
                 AnswerKind::Poison(len) => sink(Completion::Poison {
                     guest_address: gpa,
                     len,
+                    by_policy: false,
                 }),
                 AnswerKind::Failed(len, error) => sink(Completion::Failed {
                     guest_address: gpa,

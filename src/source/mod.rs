@@ -25,9 +25,41 @@ pub enum PageData {
     Busy,
 }
 
+/// Why a page is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A thread is blocked on it (urgent).
+    Fault {
+        /// The access was a write.
+        write: bool,
+        /// The faulting thread (0 if unknown).
+        thread_id: u32,
+    },
+    /// Background prefetch.
+    Background,
+}
+
+impl Want {
+    /// True for a fault.
+    pub fn urgent(self) -> bool {
+        matches!(self, Want::Fault { .. })
+    }
+}
+
 /// An answer from an asynchronous source, for a range it was asked for (or pushed).
 #[derive(Debug)]
 pub enum Completion<'a> {
+    /// `len` bytes at this address in this process (a local source's answer, given late).
+    Address {
+        /// First guest address.
+        guest_address: u64,
+        /// Where the bytes are.
+        address: u64,
+        /// Bytes.
+        len: u64,
+        /// As for `Data`.
+        urgent_since: Option<Instant>,
+    },
     /// The bytes of `[guest_address, guest_address + bytes.len())`, valid during the call.
     Data {
         /// First guest address.
@@ -46,8 +78,17 @@ pub enum Completion<'a> {
         /// As for `Data`.
         urgent_since: Option<Instant>,
     },
-    /// The range is poisoned at the source.
+    /// The range is poisoned (at the source, or by a policy's decision).
     Poison {
+        /// First guest address.
+        guest_address: u64,
+        /// Bytes.
+        len: u64,
+        /// Decided by a policy rather than found at the source.
+        by_policy: bool,
+    },
+    /// Leave the range missing and wake its threads, which fault again.
+    Retry {
         /// First guest address.
         guest_address: u64,
         /// Bytes.
@@ -78,15 +119,32 @@ pub trait PageSource: Send + Sync {
     fn size(&self) -> Option<u64>;
     /// Locates `[guest_address, guest_address + len)`.
     fn locate(&self, guest_address: u64, len: u64) -> Result<PageData>;
-    /// Asks for `[guest_address, guest_address + len)`; `urgent` when a thread is blocked on it.
+    /// Asks for `[guest_address, guest_address + len)`, for a fault or in the background.
     /// Local sources locate it at once.
-    fn fetch(&self, guest_address: u64, len: u64, urgent: bool) -> Result<PageData> {
-        let _ = urgent;
+    fn fetch(&self, guest_address: u64, len: u64, want: Want) -> Result<PageData> {
+        let _ = want;
         self.locate(guest_address, len)
     }
-    /// Asynchronous sources: readable when [`drain`](Self::drain) has answers.
-    fn ready_fd(&self) -> Option<BorrowedFd<'_>> {
+    /// Asynchronous sources: fds readable when [`drain`](Self::drain) has answers (asked once,
+    /// when the handler starts).
+    fn ready_fds(&self) -> Vec<BorrowedFd<'_>> {
+        Vec::new()
+    }
+    /// Asynchronous sources: the next moment `drain` has something to do without any fd
+    /// becoming readable (a decision's deadline).
+    fn next_deadline(&self) -> Option<Instant> {
         None
+    }
+    /// True if [`next_deadline`](Self::next_deadline) can ever return a deadline.
+    fn has_deadlines(&self) -> bool {
+        false
+    }
+    /// The loop could not fill `[guest_address, +len)` from this source's bytes: true if the
+    /// source takes it from here (the page stays asked for and an answer will come), false to
+    /// fail-stop.
+    fn source_failed(&self, guest_address: u64, len: u64, error: &Error) -> bool {
+        let _ = (guest_address, len, error);
+        false
     }
     /// Asynchronous sources: hands every answer received so far to `sink`, without blocking.
     fn drain(&self, sink: &mut dyn FnMut(Completion<'_>)) {
