@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -11,18 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HUGE_PAGE, PAGE, make_image
+from conftest import HUGE_PAGE, PAGE, SIGBUS_CODES, make_image
 
 import pagewarden as pw
-from pagewarden import firecracker
+from pagewarden import cli, firecracker
 
 DOUBLE = Path(__file__).with_name("firecracker_double.py")
+TOKEN = b"firecracker-test-token-0123456789"
 
 
 class Served:
     """``firecracker.serve`` on a thread, so the test can run the double meanwhile."""
 
-    def __init__(self, socket_path: Path, memfile: Path, **kwargs: Any) -> None:
+    def __init__(self, socket_path: Path, memfile: Path | None, **kwargs: Any) -> None:
         self.ready = threading.Event()
         self.result: firecracker.ServeResult | None = None
         self.error: BaseException | None = None
@@ -214,3 +216,171 @@ def test_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
     with pytest.raises(pw.ConfigurationError, match="not a socket"):
         firecracker.listen(path)
     assert path.read_text() == "precious"
+
+
+def _address(server: pw.Server) -> str:
+    assert server.address is not None
+    host, port = server.address
+    return f"{host}:{port}"
+
+
+@pytest.mark.parametrize("page_size", [PAGE, pytest.param(HUGE_PAGE, marks=pytest.mark.hugetlb)])
+def test_cli_serves_the_double_from_a_page_server(
+    uffd: None, tmp_path: Path, page_size: int
+) -> None:
+    sizes = [4, 2] if page_size == HUGE_PAGE else [16, 8]
+    image = make_image(sum(sizes) * page_size, seed=43)
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(image)
+    token_file = tmp_path / "token"
+    token_file.write_bytes(TOKEN + b"\n")
+    # The server knows 4 KiB pages: the last one of page 1, and the first of the second
+    # region's page 1; the handler's own list adds page 3.
+    server_poison = [2 * page_size - PAGE, (sizes[0] + 1) * page_size]
+    local_poison = tmp_path / "poison.txt"
+    local_poison.write_text(f"{3 * page_size:#x}\n")
+    poisoned = sorted({gpa - gpa % page_size for gpa in server_poison} | {3 * page_size})
+    sock = tmp_path / "uffd.sock"
+    with pw.serve(str(memfile), poison=pw.PoisonSet(server_poison), token=TOKEN) as server:
+        handler = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pagewarden",
+                "firecracker",
+                str(sock),
+                "-",
+                "--source",
+                _address(server),
+                "--token-file",
+                str(token_file),
+                "--poison",
+                str(local_poison),
+                "--accept-timeout",
+                "60",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert handler.stdout is not None
+        first = handler.stdout.readline().strip()
+        if first != f"listening on {sock}":
+            handler.kill()
+            pytest.fail(f"the handler printed {first!r}; stderr: {handler.communicate()[1]}")
+        out = tmp_path / "report.json"
+        done = run_double(
+            sock, out, "--page-size", str(page_size), "--sizes", ",".join(map(str, sizes))
+        )
+        assert done.returncode == 0, done.stderr
+        stdout, stderr = handler.communicate(timeout=60)
+        assert handler.returncode == 0, stderr
+        assert server.stats()["pages_sent"] > 0
+    assert f"page server {_address(server)}" in stderr
+    assert f"from {_address(server)}" in stdout
+    report = json.loads(out.read_text())
+    offset = 0
+    for region, n in zip(report["regions"], sizes, strict=True):
+        checksums = {int(k): v for k, v in region["checksums"].items()}
+        sigbus = {g: (host_offset, code) for g, host_offset, code in region["sigbus"]}
+        pages = range(offset, offset + n * page_size, page_size)
+        assert sorted(sigbus) == [gpa for gpa in pages if gpa in poisoned]
+        for gpa in pages:
+            if gpa in poisoned:
+                assert sigbus[gpa][0] == gpa - offset, "SIGBUS at the wrong address"
+                assert sigbus[gpa][1] in SIGBUS_CODES
+            else:
+                assert checksums[gpa] == pw.page_checksum(image[gpa : gpa + page_size]), (
+                    f"page {gpa:#x} has wrong bytes"
+                )
+        offset += n * page_size
+
+
+def test_regions_past_the_page_servers_memory_are_refused(uffd: None, tmp_path: Path) -> None:
+    with (
+        pw.serve(bytes(16 * PAGE), token=TOKEN) as server,
+        pw.RemoteSource(_address(server), TOKEN) as source,
+    ):
+        sock = tmp_path / "uffd.sock"
+        served = Served(sock, None, source=source)
+        done = run_double(
+            sock,
+            tmp_path / "out.json",
+            "--sizes",
+            "8,8",
+            "--handshake",
+            "past-file",
+            "--memfile-size",
+            str(16 * PAGE),
+        )
+        served.join()
+    assert done.returncode == 0, done.stderr
+    assert isinstance(served.error, pw.ProtocolError), served.error
+    assert f"past the end of the page server's memory at {_address(server)}" in str(served.error)
+
+
+def test_page_server_gone_for_good_kills_firecracker(uffd: None, tmp_path: Path) -> None:
+    image = make_image(4096 * PAGE, seed=44)
+    with pw.serve(image, token=TOKEN) as server:
+        source = pw.RemoteSource(_address(server), TOKEN, give_up_after=0.5)
+        with source:
+            sock = tmp_path / "uffd.sock"
+            # The server goes away as soon as the handler runs, while the guest still faults.
+            served = Served(
+                sock, None, source=source, prefetch=False, on_started=lambda h, r: server.close()
+            )
+            done = run_double(sock, tmp_path / "out.json", "--sizes", "4096")
+            served.join()
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert isinstance(served.error, pw.SourceError), served.error
+
+
+def test_memfile_and_source_are_exclusive(tmp_path: Path) -> None:
+    with pytest.raises(pw.ConfigurationError, match="memfile is required"):
+        firecracker.serve(tmp_path / "uffd.sock", "-")
+    with (
+        pw.serve(bytes(4 * PAGE), token=TOKEN) as server,
+        pw.RemoteSource(_address(server), TOKEN) as source,
+        pytest.raises(pw.ConfigurationError, match="both given"),
+    ):
+        firecracker.serve(tmp_path / "uffd.sock", tmp_path / "mem.snap", source=source)
+    assert not (tmp_path / "uffd.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "needle"),
+    [
+        (
+            ["-", "--source", "{address}", "--token-file", "{tmp}/wrong"],
+            1,
+            "does not know the token",
+        ),
+        (["-", "--source", "{address}", "--token-file", "{tmp}/none"], 2, "cannot read"),
+        (["-", "--source", "{address}", "--token-file", "{tmp}/short"], 2, "at least 16"),
+        (["-", "--source", "{address}"], 2, "--source needs --token-file"),
+        (["-", "--source", "127.0.0.1:{closed}", "--token-file", "{tmp}/token"], 1, "refused"),
+        (["-", "--source", "127.0.0.1", "--token-file", "{tmp}/token"], 2, "address"),
+        (["{tmp}/token", "--source", "{address}", "--token-file", "{tmp}/token"], 2, "as -"),
+        (["-"], 2, "add --source"),
+    ],
+)
+def test_cli_source_problems_exit_before_listening(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], status: int, needle: str
+) -> None:
+    (tmp_path / "token").write_bytes(TOKEN + b"\n")
+    (tmp_path / "wrong").write_bytes(b"not-the-page-servers-token\n")
+    (tmp_path / "short").write_bytes(b"short\n")
+    sock = tmp_path / "uffd.sock"
+    with (
+        pw.serve(bytes(4 * PAGE), token=TOKEN) as server,
+        pw.serve(bytes(PAGE), token=TOKEN) as closed,
+    ):
+        closed_port = _address(closed).rsplit(":", 1)[1]
+        closed.close()
+        argv = [a.format(tmp=tmp_path, address=_address(server), closed=closed_port) for a in args]
+        assert cli.main(["firecracker", str(sock), *argv]) == status
+    err = capsys.readouterr().err
+    assert err.startswith("pagewarden firecracker: error: ") and needle in err, err
+    if any("{closed}" in a for a in args):
+        assert f"127.0.0.1:{closed_port}" in err, "the message does not name the server"
+    assert not sock.exists(), "the handler listened although it cannot serve"

@@ -27,32 +27,6 @@ def _cmd_kvm_check(args: argparse.Namespace) -> int:
     return kvm_check.run(args)
 
 
-def _cmd_firecracker(args: argparse.Namespace) -> int:
-    import logging
-
-    from pagewarden import firecracker, poison_tools
-
-    logging.basicConfig(level=logging.INFO, format="pagewarden: %(message)s")
-    poison = poison_tools.load_any(args.poison)[0] if args.poison else None
-    result = firecracker.serve(
-        args.socket,
-        args.memfile,
-        poison=poison,
-        prefetch=args.prefetch,
-        kill_peer_on_error=args.kill_peer,
-        poison_journal=args.poison_journal,
-        accept_timeout=args.accept_timeout,
-        on_ready=lambda: print(f"listening on {args.socket}", flush=True),
-    )
-    st = result.stats
-    print(
-        f"Firecracker pid {result.peer.pid} exited: {st.get('faults', 0)} faults, "
-        f"{st.get('pages_prefetched', 0)} pages prefetched, "
-        f"{st.get('pages_poisoned', 0)} poison markers installed"
-    )
-    return 0
-
-
 class _UsageProblem(Exception):
     """Bad input to a command: the message says what was wrong and what to do (exit 2)."""
 
@@ -81,23 +55,132 @@ def _parse_map(text: str) -> tuple[int, int, int]:
     return guest, host, length
 
 
-def _read_token(path: str) -> bytes:
+def _read_token(path: str, remedy: str | None = None) -> bytes:
+    """The token in ``path`` without one trailing newline; ``remedy`` replaces the hint on how
+    to create one."""
     try:
         with open(path, "rb") as f:
             token = f.read()
     except OSError as e:
         raise _UsageProblem(
-            f"cannot read the token file {path}: {e.strerror or e}; create one with "
-            f"`head -c 32 /dev/urandom | base64 > {path}` and copy it to the destination"
+            f"cannot read the token file {path}: {e.strerror or e}; "
+            + (
+                remedy
+                or f"create one with `head -c 32 /dev/urandom | base64 > {path}` and copy it to "
+                "the destination"
+            )
         ) from None
     if token.endswith(b"\n"):
         token = token[:-1]
     if len(token) < 16:
         raise _UsageProblem(
-            f"the token in {path} is {len(token)} bytes; use at least 16, e.g. "
-            f"`head -c 32 /dev/urandom | base64 > {path}`"
+            f"the token in {path} is {len(token)} bytes, a token has at least 16; "
+            + (remedy or f"create one with `head -c 32 /dev/urandom | base64 > {path}`")
         )
     return token
+
+
+def _firecracker_token(args: argparse.Namespace) -> bytes | None:
+    """Checks the combination of MEMFILE, --source and the token options; the token to use."""
+    import os
+
+    if args.source is None:
+        if args.memfile == "-":
+            raise _UsageProblem("MEMFILE - means pages come from a page server: add --source")
+        if args.token_file is not None or args.insecure_no_token:
+            raise _UsageProblem("--token-file and --insecure-no-token are for --source")
+        if not os.path.isfile(args.memfile):
+            raise _UsageProblem(
+                f"memory file {args.memfile} does not exist or is not a regular file"
+            )
+        return None
+    if args.memfile != "-":
+        raise _UsageProblem(
+            f"with --source, pages come from the page server: give MEMFILE as -, not "
+            f"{args.memfile} (the server serves the memory file)"
+        )
+    if args.token_file is None and not args.insecure_no_token:
+        raise _UsageProblem(
+            "--source needs --token-file: the file holding the page server's token "
+            "(--insecure-no-token only for a loopback server started with it, for testing)"
+        )
+    if args.token_file is not None and args.insecure_no_token:
+        raise _UsageProblem("give either --token-file or --insecure-no-token, not both")
+    if args.token_file is None:
+        return None
+    return _read_token(
+        args.token_file,
+        remedy="use the page server's token file (the one given to `pagewarden serve "
+        "--token-file`)",
+    )
+
+
+def _cmd_firecracker(args: argparse.Namespace) -> int:
+    import contextlib
+    import logging
+
+    from pagewarden import firecracker, poison_tools
+
+    def error(message: str) -> None:
+        print(f"pagewarden firecracker: error: {message}", file=sys.stderr)
+
+    try:
+        token = _firecracker_token(args)
+    except _UsageProblem as e:
+        error(str(e))
+        return 2
+    logging.basicConfig(level=logging.INFO, format="pagewarden: %(message)s")
+    poison = poison_tools.load_any(args.poison)[0] if args.poison else None
+    with contextlib.ExitStack() as stack:
+        source = None
+        if args.source is not None:
+            # Connect before the socket exists: a page server that cannot be reached stops us
+            # before Firecracker can connect, so its snapshot load fails and no microVM runs.
+            try:
+                source = stack.enter_context(
+                    pw.RemoteSource(
+                        args.source,
+                        token,
+                        give_up_after=args.give_up_after,
+                        insecure_no_token=args.insecure_no_token,
+                    )
+                )
+            except pw.ConfigurationError as e:
+                error(str(e.strerror or e))  # names the address, or the token rule broken
+                return 2
+            except pw.PagewardenError as e:
+                error(f"cannot use the page server at {args.source}: {e.strerror or e}")
+                return 1
+            logging.getLogger("pagewarden.firecracker").info(
+                "page server %s: %d MiB of guest memory in %d KiB pages, %d poisoned pages",
+                source.address,
+                source.memory_size >> 20,
+                source.page_size >> 10,
+                len(source.poison_set()),
+            )
+        result = firecracker.serve(
+            args.socket,
+            None if source is not None else args.memfile,
+            poison=poison,
+            prefetch=args.prefetch,
+            kill_peer_on_error=args.kill_peer,
+            poison_journal=args.poison_journal,
+            accept_timeout=args.accept_timeout,
+            on_ready=lambda: print(f"listening on {args.socket}", flush=True),
+            source=source,
+        )
+        st = result.stats
+        print(
+            f"Firecracker pid {result.peer.pid} exited: {st.get('faults', 0)} faults, "
+            f"{st.get('pages_prefetched', 0)} pages prefetched, "
+            f"{st.get('pages_poisoned', 0)} poison markers installed"
+            + (
+                f"; {source.stats()['bytes_received'] >> 20} MiB from {source.address}"
+                if source is not None
+                else ""
+            )
+        )
+    return 0
 
 
 def _serve_source(args: argparse.Namespace) -> str | pw.ProcessMemory:
@@ -339,11 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
         "firecracker",
         help="serve a Firecracker snapshot restore (external UFFD handler), with poison",
         description="Listen on SOCKET for Firecracker's UFFD handshake and serve guest memory "
-        "from MEMFILE; pages of --poison are answered with UFFDIO_POISON. Exits when "
-        "Firecracker does.",
+        "from MEMFILE, or with --source from a page server (pagewarden serve) that serves the "
+        "memory file; pages of --poison and the server's poison are answered with "
+        "UFFDIO_POISON. Exits when Firecracker does.",
     )
     p.add_argument("socket", help="Unix socket path Firecracker connects to (created 0600)")
-    p.add_argument("memfile", help="the snapshot's guest memory file")
+    p.add_argument("memfile", help="the snapshot's guest memory file; - with --source")
     p.add_argument("--poison", help="poison list: JSON poison file, journal or text list")
     p.add_argument("--poison-journal", help="append poison found while serving to this journal")
     p.add_argument(
@@ -359,6 +443,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill Firecracker on a fatal error rather than leave it on bad memory (default: on)",
     )
     p.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for it")
+    p.add_argument(
+        "--source",
+        metavar="HOST:PORT",
+        help="fetch pages from this page server (serving the memory file) instead of MEMFILE",
+    )
+    p.add_argument("--token-file", help="with --source: file holding the page server's token")
+    p.add_argument(
+        "--insecure-no-token",
+        action="store_true",
+        help="with --source: a loopback page server started without a token (for testing)",
+    )
+    p.add_argument(
+        "--give-up-after",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --source: fail (and kill Firecracker) when the page server stays unreachable "
+        "this long (default: 30)",
+    )
     p.set_defaults(func=_cmd_firecracker)
     p = sub.add_parser(
         "serve",

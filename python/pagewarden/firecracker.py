@@ -4,9 +4,10 @@ Firecracker restores a microVM snapshot with an external handler: it creates the
 registers guest memory with it, connects to the handler's Unix socket and sends one message: a
 JSON array of ``GuestRegionUffdMapping`` objects (no framing, no newline) with exactly one file
 descriptor, the uffd, in SCM_RIGHTS. The handler then serves every fault from the snapshot's
-memory file. pagewarden also answers every page of a poison list with ``UFFDIO_POISON``, handles
-balloon REMOVE events before the faults behind them, and is fail-stop: on a fatal error it kills
-the peer rather than let it run on missing or wrong memory.
+memory file, or from a page server that serves that file from another host
+(``source=pw.RemoteSource(...)``). pagewarden also answers every page of a poison list with
+``UFFDIO_POISON``, handles balloon REMOVE events before the faults behind them, and is
+fail-stop: on a fatal error it kills the peer rather than let it run on missing or wrong memory.
 
 Guest addresses here are offsets in the memory file (the same on every host), so a poison list
 written on one host applies on the next.
@@ -90,11 +91,14 @@ def _int_field(entry: dict[str, Any], name: str, index: int) -> int:
     return value
 
 
-def parse_regions(payload: bytes, memfile_size: int) -> list[GuestRegionMapping]:
+def parse_regions(
+    payload: bytes, memfile_size: int, memory_name: str = "the memory file"
+) -> list[GuestRegionMapping]:
     """Parses and validates the handshake's JSON before anything touches memory: page size 4 KiB
     or 2 MiB and the same for every region, aligned, non-overlapping (in Firecracker's address
-    space and in the file), each inside the memory file. Raises ProtocolError naming the field
-    and the region."""
+    space and in the file), each inside the first ``memfile_size`` bytes of the memory file
+    (``memory_name`` names it in messages). Raises ProtocolError naming the field and the
+    region."""
     try:
         data = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -137,7 +141,7 @@ def parse_regions(payload: bytes, memfile_size: int) -> list[GuestRegionMapping]
         if offset + size > memfile_size:
             raise _fail(
                 f"region {index}: offset {offset:#x} + size {size:#x} = {offset + size:#x} is past "
-                f"the end of the memory file ({memfile_size:#x} bytes)"
+                f"the end of {memory_name} ({memfile_size:#x} bytes)"
             )
         regions.append(GuestRegionMapping(base, size, offset, page_size))
     if len({r.page_size for r in regions}) != 1:
@@ -238,9 +242,31 @@ def _kill(pid: int) -> None:
         log.error("killed Firecracker (pid %d): its memory can no longer be served correctly", pid)
 
 
+def _page_source(
+    memfile: str | os.PathLike[str] | None, source: pw.RemoteSource | None
+) -> tuple[pw.FileSource | pw.RemoteSource, int, str]:
+    """The source of the pages, the size of the memory file it serves and how messages name it."""
+    path = None if memfile is None or os.fspath(memfile) == "-" else memfile
+    if source is not None:
+        if path is not None:
+            raise pw.ConfigurationError(
+                errno.EINVAL,
+                f"memfile {os.fspath(path)!r} and a remote source were both given: pages come "
+                "from the page server, so pass memfile as None (or '-')",
+            )
+        # The page server serves the memory file itself: its guest address X is the file's
+        # offset X, the numbering of the handshake's `offset`s.
+        return source, source.memory_size, f"the page server's memory at {source.address}"
+    if path is None:
+        raise pw.ConfigurationError(
+            errno.EINVAL, "memfile is required unless a remote source is given"
+        )
+    return pw.FileSource(path), os.stat(path).st_size, "the memory file"
+
+
 def serve(
     socket_path: str | os.PathLike[str],
-    memfile: str | os.PathLike[str],
+    memfile: str | os.PathLike[str] | None,
     poison: pw.PoisonSet | None = None,
     prefetch: bool = True,
     kill_peer_on_error: bool = True,
@@ -248,17 +274,23 @@ def serve(
     accept_timeout: float | None = None,
     on_ready: Callable[[], None] | None = None,
     on_started: Callable[[pw.Handler, ServeResult], None] | None = None,
+    source: pw.RemoteSource | None = None,
 ) -> ServeResult:
     """Serves one Firecracker restore: listens on ``socket_path``, takes the handshake, serves
     every fault from ``memfile`` (poisoned pages with UFFDIO_POISON), prefetches in the
     background when ``prefetch``, handles balloon REMOVE events, and returns when the peer
     exits. ``on_ready`` is called once the socket listens; ``on_started`` once the handler runs.
 
+    With ``source`` (a connected ``pw.RemoteSource``, which the caller closes), pages come from
+    a page server that serves the memory file instead, ``memfile`` is None (or ``"-"``), every
+    region must lie inside the server's ``memory_size``, and the poison the server announced is
+    installed up front together with ``poison``.
+
     A bad handshake raises ProtocolError before anything touches memory. A fatal error while
-    serving kills the peer (unless ``kill_peer_on_error`` is False) and is raised: the VM is
-    never left running on zeros."""
-    memfile_size = os.stat(memfile).st_size
-    source = pw.FileSource(memfile)
+    serving (including a page server that stays unreachable longer than the source's
+    ``give_up_after``) kills the peer (unless ``kill_peer_on_error`` is False) and is raised:
+    the VM is never left running on zeros."""
+    page_source, memfile_size, memory_name = _page_source(memfile, source)
     sock = listen(socket_path)
     try:
         if on_ready is not None:
@@ -276,7 +308,7 @@ def serve(
             log.info("Firecracker connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
             payload, uffd = receive_handshake(conn)
             try:
-                regions = parse_regions(payload, memfile_size)
+                regions = parse_regions(payload, memfile_size, memory_name)
                 memories = [
                     pw.GuestMemory.remote(
                         peer.pid, r.base_host_virt_addr, r.size, r.page_size, guest_address=r.offset
@@ -289,7 +321,7 @@ def serve(
                 )
                 handler = pw.Handler(
                     memories,
-                    source,
+                    page_source,
                     poison=initial,
                     prefetch=prefetch,
                     poison_journal=poison_journal,
@@ -303,7 +335,8 @@ def serve(
                 len(regions),
                 sum(r.size for r in regions) >> 20,
                 page_size >> 10,
-                len(initial),
+                # With a page server, its announced poison has joined the initial set.
+                len(handler.poison_set()),
             )
             with handler:
                 handler.start()
