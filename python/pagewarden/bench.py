@@ -18,7 +18,10 @@ virtualization cost tens of µs and, left to the scheduler, make runs bimodal). 
 are medians over the repetitions; 2 faulting threads also run ``C batched``, the C loop resolving
 contiguous faults with one ranged ioctl, to show what batching is worth. The bulk figures
 (prefetch bandwidth, pre-poisoning, PoisonSet) are measured against kernel bounds taken by the C
-program in the same run. BENCHMARKS.md has a full run and what limits each number.
+program in the same run. Remote post-copy (``--only remote``) runs a page server in another
+process on loopback and measures background push against a raw native TCP stream, and fault
+latency idle, under push, and under push without the urgent channel. BENCHMARKS.md has a full
+run and what limits each number.
 
 The C baseline and the pure-Python handler live in the repository's ``benches/`` directory; it is
 found next to the package (a source checkout or ``maturin develop``), in the current directory,
@@ -1980,8 +1983,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Measure pagewarden's fault path against a plain C userfaultfd handler, a pure-Python "
         "handler and the kernel floor (every contender on the same workload, interleaved), a "
-        "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning and PoisonSet. "
-        "Needs the repository's benches/ directory and gcc; run as root for every scenario."
+        "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning, PoisonSet and remote "
+        "post-copy over loopback. Needs the repository's benches/ directory and gcc (except "
+        "--only remote); run as root for every scenario."
     )
     parser.add_argument(
         "--quick",
