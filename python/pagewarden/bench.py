@@ -1983,8 +1983,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Measure pagewarden's fault path against a plain C userfaultfd handler, a pure-Python "
         "handler and the kernel floor (every contender on the same workload, interleaved), a "
-        "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning, PoisonSet and remote "
-        "post-copy over loopback. Needs the repository's benches/ directory and gcc (except "
+        "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning, PoisonSet and "
+        "remote post-copy over loopback. Needs the repository's benches/ directory and gcc (except "
         "--only remote); run as root for every scenario."
     )
     parser.add_argument(
