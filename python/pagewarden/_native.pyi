@@ -36,7 +36,9 @@ __all__ = [
     "ZeroSource",
     "__version__",
     "_bench_poison_lookups",
+    "_bench_tcp_stream",
     "_bench_touch",
+    "_bench_touch_pages",
     "capabilities",
     "kvm_check",
     "page_checksum",
@@ -92,6 +94,23 @@ def kvm_check(
 # Benchmark helpers (private; used by ``pagewarden bench`` and ``benches/``).
 def _bench_touch(memory: GuestMemory, threads: int = 1) -> tuple[float, list[int], int]:
     """Touches every page once from native threads; (seconds, per-page ns, SIGBUS count)."""
+
+def _bench_touch_pages(
+    memory: GuestMemory,
+    pages: Sequence[int],
+    interval_us: int = 0,
+    max_seconds: float | None = None,
+    cpu: int | None = None,
+) -> tuple[list[int], list[int], int]:
+    """Touches chosen pages one at a time; (monotonic start ns, latency ns, SIGBUS count)."""
+
+def _bench_tcp_stream(
+    total_bytes: int,
+    chunk: int = ...,
+    sender_cpu: int | None = None,
+    receiver_cpu: int | None = None,
+) -> float:
+    """Streams bytes over loopback TCP between two native threads; the seconds it took."""
 
 def _bench_poison_lookups(
     poison: PoisonSet,

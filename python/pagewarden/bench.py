@@ -18,7 +18,10 @@ virtualization cost tens of µs and, left to the scheduler, make runs bimodal). 
 are medians over the repetitions; 2 faulting threads also run ``C batched``, the C loop resolving
 contiguous faults with one ranged ioctl, to show what batching is worth. The bulk figures
 (prefetch bandwidth, pre-poisoning, PoisonSet) are measured against kernel bounds taken by the C
-program in the same run. BENCHMARKS.md has a full run and what limits each number.
+program in the same run. Remote post-copy (``--only remote``) runs a page server in another
+process on loopback and measures background push against a raw native TCP stream, and fault
+latency idle, under push, and under push without the urgent channel. BENCHMARKS.md has a full
+run and what limits each number.
 
 The C baseline and the pure-Python handler live in the repository's ``benches/`` directory; it is
 found next to the package (a source checkout or ``maturin develop``), in the current directory,
@@ -102,12 +105,27 @@ class Config:
     prepoison_pages: int
     poisonset_pages: int
     gil_timeout_s: float
+    remote_bytes: int = 512 * MIB
+    remote_touches: int = 2000
 
     @staticmethod
     def make(quick: bool, repetitions: int | None = None) -> Config:
         """The quick (under a minute) or full configuration."""
         if quick:
-            return Config(True, repetitions or 3, 2048, 16, 48, 4, 64 * MIB, 1 << 18, 1 << 20, 3.0)
+            return Config(
+                True,
+                repetitions or 3,
+                2048,
+                16,
+                48,
+                4,
+                64 * MIB,
+                1 << 18,
+                1 << 20,
+                3.0,
+                128 * MIB,
+                500,
+            )
         return Config(False, repetitions or 7, 8192, 32, 192, 4, 256 * MIB, 1 << 20, 1 << 20, 5.0)
 
 
@@ -826,6 +844,7 @@ class Report:
     gil: list[GilDemo] = field(default_factory=list)
     bulk: dict[str, Any] = field(default_factory=dict)
     poisonset: list[PoisonSetFigures] = field(default_factory=list)
+    remote: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -1049,6 +1068,226 @@ def run_bulk(config: Config, binary: Path, report: Report) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Remote post-copy: a page server in another process, over loopback TCP
+
+REMOTE_LATENCY_NAMES = ("idle", "under push, urgent channel", "under push, no urgent channel")
+
+
+def remote_placement() -> tuple[int | None, int]:
+    """(server CPU, destination CPU): the page server's process on the second CPU and every
+    destination thread (handler loop, receivers, faulting thread) on the first, like two hosts
+    of one CPU each; with a single CPU both share it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[1] if len(cpus) > 1 else cpus[0]), cpus[0]
+
+
+def remote_image(path: Path, size: int, zero_half: bool, seed: int = 11) -> None:
+    """Writes a ``size``-byte guest image of incompressible (random) bytes to ``path``; with
+    ``zero_half`` half of its 4 KiB pages, chosen at random, are zero (a server answers those
+    with ZERO frames, no payload)."""
+    rng = random.Random(seed)
+    pages = size // PAGE_4K
+    zero = set(rng.sample(range(pages), pages // 2)) if zero_half else set()
+    with open(path, "wb") as f:
+        for start in range(0, pages, 256):
+            block = bytearray(rng.randbytes(256 * PAGE_4K))
+            for k in range(start, min(start + 256, pages)):
+                if k in zero:
+                    off = (k - start) * PAGE_4K
+                    block[off : off + PAGE_4K] = bytes(PAGE_4K)
+            f.write(block[: (min(start + 256, pages) - start) * PAGE_4K])
+
+
+def remote_push_mib_s(address: str, token: bytes, size: int) -> tuple[float, dict[str, Any]]:
+    """A Handler with a RemoteSource and prefetch bringing a whole ``size``-byte guest in, no
+    faults: MiB/s from start() to wait() returning, and the source's counters."""
+    with pw.RemoteSource(address, token) as source:
+        memory = pw.GuestMemory.anonymous(size)
+        handler = pw.Handler(memory, source, prefetch=True)
+        try:
+            t0 = time.perf_counter()
+            handler.start()
+            if not handler.wait(timeout=300):
+                raise BenchError(2, "remote prefetch did not finish in 300 s")
+            elapsed = time.perf_counter() - t0
+        finally:
+            handler.close()
+        stats = dict(source.stats())
+    return size / elapsed / MIB, stats
+
+
+@dataclass
+class TouchSample:
+    """Per-touch latencies of one remote latency run and what the handler counted."""
+
+    latencies_ns: list[int]
+    faults: int
+    push_s: float | None
+    handler_histogram: list[int]
+
+
+def remote_touch_run(
+    address: str,
+    token: bytes,
+    size: int,
+    touches: int,
+    push: bool,
+    urgent_channel: bool,
+    cpu: int,
+    seed: int,
+) -> TouchSample:
+    """One faulting thread touching ``touches`` random pages one at a time, each load timed
+    natively (``_bench_touch_pages``: what a guest thread sees, network round trip included).
+
+    Idle (``push`` false): prefetch off. Under push: prefetch on, bringing the whole guest in
+    meanwhile, with the touched pages left for the end of its order (``prefetch_order=`` every
+    other page first), so that each touch made during the push is a real fault; only touches
+    that started before the push finished count."""
+    pages = size // PAGE_4K
+    rng = random.Random(seed)
+    order = rng.sample(range(pages), min(touches, pages))
+    rest: list[tuple[int, int]] = []
+    previous = 0
+    for k in sorted(order):
+        if k > previous:
+            rest.append((previous * PAGE_4K, (k - previous) * PAGE_4K))
+        previous = k + 1
+    if previous < pages:
+        rest.append((previous * PAGE_4K, (pages - previous) * PAGE_4K))
+    with pw.RemoteSource(address, token, urgent_channel=urgent_channel) as source:
+        memory = pw.GuestMemory.anonymous(size)
+        handler = pw.Handler(memory, source, prefetch=push, prefetch_order=rest if push else None)
+        try:
+            finished: list[int] = []
+
+            def waiter() -> None:
+                with contextlib.suppress(pw.PagewardenError):
+                    if handler.wait(timeout=300):
+                        finished.append(time.monotonic_ns())
+
+            started = time.monotonic_ns()
+            handler.start()
+            watcher = threading.Thread(target=waiter, name="bench-remote-wait")
+            if push:
+                watcher.start()
+            starts, latencies, sigbus = _native._bench_touch_pages(
+                memory, order, max_seconds=300.0, cpu=cpu
+            )
+            if push:
+                watcher.join()
+                if not finished:
+                    handler.check()
+                    raise BenchError(2, "the remote push did not finish in 300 s")
+            handler.check()
+            stats = handler.stats()
+        finally:
+            handler.close()
+    if sigbus:
+        raise BenchError(2, f"{sigbus} touches of healthy remote pages raised SIGBUS")
+    if push:
+        # Until the push has brought in everything else, every touched page is still missing and
+        # each touch faults; then the push sweeps the touched pages up and none faults. So the
+        # touches made under push are the first `faults` (and none after the push ended).
+        end = finished[0]
+        latencies = [
+            ns for t, ns in zip(starts[: stats["faults"]], latencies, strict=False) if t < end
+        ]
+    return TouchSample(
+        latencies,
+        int(stats["faults"]),
+        (finished[0] - started) / 1e9 if push else None,
+        list(stats["latency_dist_us_log2"]),
+    )
+
+
+def run_remote(config: Config, report: Report) -> None:
+    """Remote post-copy on loopback against a page server in another process: the raw TCP
+    stream bound against background push throughput (random image, and half-zero), and fault
+    latency idle, under a full push with the urgent channel, and under a push with fault
+    requests queued behind the bulk stream. The contenders of a measurement are interleaved
+    within each repetition; figures are medians over the repetitions."""
+    size = config.remote_bytes
+    server_cpu, dest_cpu = remote_placement()
+    throughput: dict[str, list[float]] = {"raw TCP": [], "push random": [], "push half-zero": []}
+    received: dict[str, int] = {}
+    samples: dict[str, list[TouchSample]] = {name: [] for name in REMOTE_LATENCY_NAMES}
+    with tempfile.TemporaryDirectory(prefix="pagewarden-bench-remote-") as tmp:
+        from pagewarden._server_process import ServerProcess, write_token
+
+        work = Path(tmp)
+        token = write_token(work / "token")
+        _log(f"remote: writing two {size >> 20} MiB images")
+        remote_image(work / "random.img", size, zero_half=False)
+        remote_image(work / "half-zero.img", size, zero_half=True)
+        with (
+            ServerProcess(work / "random.img", work / "token", cpu=server_cpu) as random_server,
+            ServerProcess(work / "half-zero.img", work / "token", cpu=server_cpu) as half_server,
+            pinned(dest_cpu),
+        ):
+            # One untimed push from each server first: the servers' first reads of their images
+            # and the first connections are not what is measured.
+            _log("remote post-copy: warm-up")
+            for server in (random_server, half_server):
+                remote_push_mib_s(server.address, token, size)
+            for rep in range(config.repetitions):
+                _log(f"remote post-copy: repetition {rep + 1}/{config.repetitions}")
+                throughput["raw TCP"].append(
+                    size / _native._bench_tcp_stream(size, MIB, server_cpu, dest_cpu) / MIB
+                )
+                for name, server in (
+                    ("push random", random_server),
+                    ("push half-zero", half_server),
+                ):
+                    rate, stats = remote_push_mib_s(server.address, token, size)
+                    throughput[name].append(rate)
+                    received[name] = int(stats["bytes_received"])
+                names = list(REMOTE_LATENCY_NAMES)
+                k = rep % len(names)
+                for name in names[k:] + names[:k]:
+                    samples[name].append(
+                        remote_touch_run(
+                            random_server.address,
+                            token,
+                            size,
+                            config.remote_touches,
+                            push=name != "idle",
+                            urgent_channel="no urgent" not in name,
+                            cpu=dest_cpu,
+                            seed=rep,
+                        )
+                    )
+            report.remote["server_summary"] = random_server.stop()
+    latency: dict[str, Any] = {}
+    for name, runs in samples.items():
+        # Pooled over the repetitions: under push without the urgent channel a run holds only a
+        # few dozen faults, too few for a p99 of its own.
+        pooled = sorted(ns for sample in runs for ns in sample.latencies_ns)
+        latency[name] = {
+            "p50_us": percentile(pooled, 0.50) / 1000,
+            "p99_us": percentile(pooled, 0.99) / 1000,
+            "samples": len(pooled),
+            "touches": [len(s.latencies_ns) for s in runs],
+            "faults": [s.faults for s in runs],
+            "push_s": [s.push_s for s in runs],
+            "histogram_log2_us": log2_histogram(pooled),
+            "handler_histogram_log2_us": [
+                sum(s.handler_histogram[i] for s in runs) for i in range(24)
+            ],
+        }
+    report.remote.update(
+        {
+            "bytes": size,
+            "server_cpu": server_cpu,
+            "destination_cpu": dest_cpu,
+            "throughput_mib_s": {k: statistics.median(v) for k, v in throughput.items()},
+            "throughput_runs": throughput,
+            "bytes_received": received,
+            "latency": latency,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Targets and output
 
 
@@ -1113,6 +1352,40 @@ def evaluate_targets(report: Report) -> None:
             ">= 10M",
             rate >= 10e6,
             f"kernel bound for this layout {p['c_pages_per_s'] / 1e6:.1f}M",
+        )
+    remote = report.remote
+    if remote.get("throughput_mib_s"):
+        tp = remote["throughput_mib_s"]
+        for name in ("push random", "push half-zero"):
+            r = tp[name] / tp["raw TCP"]
+            _target(
+                report,
+                f"remote {name} / raw TCP stream",
+                r,
+                ">= 0.7",
+                r >= 0.7,
+                f"{tp[name]:.0f} / {tp['raw TCP']:.0f} MiB/s",
+            )
+        lat = remote["latency"]
+        idle = lat["idle"]["p99_us"]
+        urgent, queued = (lat[n]["p99_us"] for n in REMOTE_LATENCY_NAMES[1:])
+        r = urgent / idle if idle else 0.0
+        _target(
+            report,
+            "remote fault p99 under push / idle",
+            r,
+            "<= 3",
+            r <= 3.0,
+            f"{urgent:.0f} / {idle:.0f} µs",
+        )
+        r = queued / urgent if urgent else 0.0
+        _target(
+            report,
+            "remote fault p99 under push: no urgent channel / urgent",
+            r,
+            "> 1 (the urgent channel helps)",
+            r > 1.0,
+            f"{queued:.0f} / {urgent:.0f} µs",
         )
     for f in report.poisonset:
         if f.shape == "sparse":
@@ -1226,15 +1499,16 @@ def render(report: Report) -> str:
         f"before: {m['loadavg_before'].split(' ')[0]}, after: "
         f"{m.get('loadavg_after', '?').split(' ')[0]}."
     )
-    out.append("")
-    out.append(
-        "faults/s: pages touched per second; p50/p99: one touch (fault round trip), µs; CPU: "
-        "the handler thread's CPU time per fault. 'rate vs X' is pagewarden's faults/s over X's "
-        "(higher is better); 'CPU vs X' its CPU per fault over X's (lower is better). "
-        "'C batched' (2 faulting threads only) is an experiment, not a baseline: the C loop "
-        "reading up to 64 messages per wake and resolving contiguous pages with one ranged "
-        "ioctl; its '(rate vs C)' is its own rate over the plain C loop's."
-    )
+    if report.faults:
+        out.append("")
+        out.append(
+            "faults/s: pages touched per second; p50/p99: one touch (fault round trip), µs; "
+            "CPU: the handler thread's CPU time per fault. 'rate vs X' is pagewarden's faults/s "
+            "over X's (higher is better); 'CPU vs X' its CPU per fault over X's (lower is "
+            "better). 'C batched' (2 faulting threads only) is an experiment, not a baseline: "
+            "the C loop reading up to 64 messages per wake and resolving contiguous pages with "
+            "one ranged ioctl; its own rate over the plain C loop's."
+        )
     for placement in report.placements:
         scenarios = report.faults.get(placement.key)
         if not scenarios:
@@ -1373,6 +1647,57 @@ def render(report: Report) -> str:
         ]
         header = ["shape", "span (pages)", "bytes", "bytes/poisoned page", "bits/guest page"]
         out.append(format_table(rows, [*header, "lookups/s random", "ascending"]))
+    remote = report.remote
+    if remote.get("throughput_mib_s"):
+        tp = remote["throughput_mib_s"]
+        out.append("")
+        out.append(
+            f"Remote post-copy over loopback TCP, {remote['bytes'] >> 20} MiB guest: the page "
+            f"server (`pagewarden serve`) in its own process on CPU {remote['server_cpu']}, "
+            f"the destination (handler loop, receivers, faulting thread) on CPU "
+            f"{remote['destination_cpu']}. Push: Handler(RemoteSource, prefetch=True) from "
+            "start() to wait(); raw TCP: one native thread streaming 1 MiB writes to another."
+        )
+        out.append("")
+        rows = [
+            ["raw TCP stream (native, 1 MiB writes/reads)", f"{tp['raw TCP']:.0f}", "1.00x"],
+            [
+                "push, random image",
+                f"{tp['push random']:.0f}",
+                _ratio(tp["push random"], tp["raw TCP"]),
+            ],
+            [
+                "push, half the pages zero",
+                f"{tp['push half-zero']:.0f}",
+                _ratio(tp["push half-zero"], tp["raw TCP"]),
+            ],
+        ]
+        out.append(format_table(rows, ["what", "MiB/s", "vs raw TCP"]))
+        out.append("")
+        out.append(
+            "Fault latency seen by a faulting thread (each 8-byte load of a random missing page "
+            "timed natively, one at a time; percentiles pooled over the repetitions). Idle: "
+            "prefetch off. Under push: prefetch bringing the rest of the guest in meanwhile (the "
+            "touched pages last), every touch a fault. No urgent channel: "
+            "RemoteSource(urgent_channel=False), fault requests queued behind the bulk stream:"
+        )
+        out.append("")
+        lat = remote["latency"]
+        idle = lat["idle"]
+        rows = []
+        for name in REMOTE_LATENCY_NAMES:
+            x = lat[name]
+            rows.append(
+                [
+                    name,
+                    _us(x["p50_us"]),
+                    _us(x["p99_us"]),
+                    _ratio(x["p99_us"], idle["p99_us"]),
+                    str(x["samples"]),
+                ]
+            )
+        header = ["faulting thread", "p50 µs", "p99 µs", "p99 vs idle", "faults timed"]
+        out.append(format_table(rows, header))
     if report.targets:
         out.append("")
         out.append("Targets (goals measured as ratios in this run; never asserted by tests):")
@@ -1448,6 +1773,38 @@ def _plot_histograms(
     ax.grid(alpha=0.3)
 
 
+def _plot_remote(axes: Any, remote: dict[str, Any]) -> None:
+    """Remote post-copy: throughput against the raw TCP stream, and the faulting thread's
+    latency tails idle and under push (with and without the urgent channel)."""
+    tp = remote["throughput_mib_s"]
+    names = ["raw TCP", "push random", "push half-zero"]
+    ax = axes[0]
+    ax.bar(names, [tp[n] for n in names], color=["#7f7f7f", "#1f77b4", "#aec7e8"])
+    ax.set_ylabel("MiB/s")
+    ax.set_title(f"Remote push, {remote['bytes'] >> 20} MiB guest, loopback", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax = axes[1]
+    styles = {"idle": "-", "under push, urgent channel": "--", "under push, no urgent channel": ":"}
+    for name, x in remote["latency"].items():
+        hist = x["histogram_log2_us"]
+        total = sum(hist) or 1
+        tail = [sum(hist[i:]) / total for i in range(24)]
+        xs = [2**i for i in range(24) if tail[i] > 0]
+        ys = [t for t in tail if t > 0]
+        ax.step(xs, ys, where="post", color="#1f77b4", linestyle=styles.get(name, "-"), label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_ylim(1e-4, 1.5)
+    ax.axhline(0.01, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("touch latency, µs (log2 buckets)")
+    ax.set_ylabel("fraction of faults at least this slow (dotted: p99)")
+    ax.set_title("Remote fault latency, idle vs under push", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    for ax in axes[2:]:
+        ax.axis("off")
+
+
 def write_plot(report: Report, path: Path) -> None:
     """Throughput against faulting threads, latency histograms (idle and in a busy Python
     process) and every scenario's rate, one row per placement, as a PNG."""
@@ -1462,7 +1819,13 @@ def write_plot(report: Report, path: Path) -> None:
             "--plot needs matplotlib: pip install 'pagewarden[bench]' (or pip install matplotlib)",
         ) from None
     rows = [p for p in report.placements if p.key in report.faults]
-    fig, axes = plt.subplots(len(rows), 4, figsize=(22, 5 * len(rows)), squeeze=False)
+    remote = bool(report.remote.get("latency"))
+    if not rows and not remote:
+        raise BenchError(2, "nothing to plot: the report has no fault or remote figures")
+    nrows = len(rows) + int(remote)
+    fig, axes = plt.subplots(nrows, 4, figsize=(22, 5 * nrows), squeeze=False)
+    if remote:
+        _plot_remote(axes[len(rows)], report.remote)
     for r, placement in enumerate(rows):
         scenarios = report.faults[placement.key]
         label = f"{placement.key}: {placement.title}"
@@ -1518,6 +1881,7 @@ def load_report(path: Path) -> Report:
             gil=[GilDemo(**d) for d in data["gil"]],
             bulk=data["bulk"],
             poisonset=[PoisonSetFigures(**f) for f in data["poisonset"]],
+            remote=data.get("remote", {}),
             targets=data["targets"],
             skipped=data["skipped"],
         )
@@ -1537,6 +1901,39 @@ def load_report(path: Path) -> Report:
             22, f"{path} is not a report written by `pagewarden bench --json`: {e}"
         ) from e
     return report
+
+
+SECTIONS = ("faults", "busy", "gil", "bulk", "remote")
+
+
+def run_sections(config: Config, report: Report, sections: set[str]) -> None:
+    """Runs the chosen sections of the benchmark into ``report``. Only the local sections need
+    the repository's benches/ directory and gcc; ``remote`` needs neither."""
+    if sections & {"faults", "busy", "gil", "bulk"}:
+        benches = find_benches_dir()
+        pph = load_pure_python_handler(benches)
+        with tempfile.TemporaryDirectory(prefix="pagewarden-bench-") as tmp:
+            binary = compile_c_baseline(benches, Path(tmp))
+            if "faults" in sections:
+                scenarios = list(SCENARIOS)
+                free = int(pw.capabilities()["hugepages_2m_free"])
+                if free < config.huge_pages:
+                    scenarios = [s for s in scenarios if s.kind != "hugetlb"]
+                    report.skipped.append(
+                        f"2 MiB hugetlb copy: needs {config.huge_pages} free 2 MiB hugepages, "
+                        f"{free} free (as root: echo 64 > /proc/sys/vm/nr_hugepages)"
+                    )
+                run_faults(config, binary, pph, report, scenarios)
+            if "busy" in sections:
+                run_busy(config, pph, report)
+            if "gil" in sections:
+                _log("GIL trap demonstration")
+                for contender in ("pagewarden", "Python"):
+                    report.gil.append(gil_demo(contender, benches, config.gil_timeout_s))
+            if "bulk" in sections:
+                run_bulk(config, binary, report)
+    if "remote" in sections:
+        run_remote(config, report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1563,26 +1960,10 @@ def run(args: argparse.Namespace) -> int:
         raise BenchError(22, "--repetitions must be at least 1")
     _check_environment()
     config = Config.make(args.quick, args.repetitions)
-    benches = find_benches_dir()
-    pph = load_pure_python_handler(benches)
+    sections = set(args.only or SECTIONS)
     report = Report(machine=_machine(), config=asdict(config), placements=placements())
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pagewarden-bench-") as tmp:
-        binary = compile_c_baseline(benches, Path(tmp))
-        scenarios = list(SCENARIOS)
-        free = int(pw.capabilities()["hugepages_2m_free"])
-        if free < config.huge_pages:
-            scenarios = [s for s in scenarios if s.kind != "hugetlb"]
-            report.skipped.append(
-                f"2 MiB hugetlb copy: needs {config.huge_pages} free 2 MiB hugepages, {free} "
-                "free (as root: echo 64 > /proc/sys/vm/nr_hugepages)"
-            )
-        run_faults(config, binary, pph, report, scenarios)
-        run_busy(config, pph, report)
-        _log("GIL trap demonstration")
-        for contender in ("pagewarden", "Python"):
-            report.gil.append(gil_demo(contender, benches, config.gil_timeout_s))
-        run_bulk(config, binary, report)
+    run_sections(config, report, sections)
     evaluate_targets(report)
     report.machine["elapsed_s"] = round(time.monotonic() - started, 1)
     report.machine["loadavg_after"] = _read("/proc/loadavg")
@@ -1602,8 +1983,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Measure pagewarden's fault path against a plain C userfaultfd handler, a pure-Python "
         "handler and the kernel floor (every contender on the same workload, interleaved), a "
-        "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning and PoisonSet. "
-        "Needs the repository's benches/ directory and gcc; run as root for every scenario."
+        "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning, PoisonSet and "
+        "remote post-copy over loopback. Needs the repository's benches/ directory and gcc (except "
+        "--only remote); run as root for every scenario."
     )
     parser.add_argument(
         "--quick",
@@ -1621,6 +2003,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="interleaved repetitions (default 7, or 3 with --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"run only this section (repeatable): {', '.join(SECTIONS)}",
     )
     parser.add_argument(
         "--from-json",

@@ -4,11 +4,16 @@ A synthetic guest image with some poisoned pages is served from a file by a dest
 with background prefetch, while native threads touch guest memory in random order like vCPUs.
 Afterwards every page is verified byte for byte through the kernel path, and every poisoned page
 must have raised SIGBUS at its exact address. Exit status 0 only if all of that holds.
+
+With ``--remote`` the image and its poison list are served by ``pagewarden serve`` in a separate
+process on loopback (with a freshly generated token), and the destination handler fetches every
+page from it through a ``RemoteSource``: the poison reaches the destination over the wire.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -16,6 +21,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pagewarden as pw
 from pagewarden._progress import ProgressBar
@@ -91,6 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="guest-like faulting threads (2)")
     p.add_argument("--seed", type=int, default=1, help="seed for image, poison and access order")
     p.add_argument("--no-prefetch", action="store_true", help="serve faults only")
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="serve the image from `pagewarden serve` in another process over loopback TCP",
+    )
 
 
 def run(args: argparse.Namespace) -> DemoResult:
@@ -113,7 +124,8 @@ def run(args: argparse.Namespace) -> DemoResult:
     print(
         f"pagewarden demo: {size // MIB} MiB {args.kind} guest, {page_size // 1024} KiB pages, "
         f"mode {args.mode}, {len(poison)} poisoned pages, {args.threads} guest threads, "
-        f"prefetch {'off' if args.no_prefetch else 'on'}",
+        f"prefetch {'off' if args.no_prefetch else 'on'}"
+        + (", pages from a page server in another process" if args.remote else ""),
         file=out,
     )
     with tempfile.TemporaryDirectory(prefix="pagewarden-demo-") as tmp:
@@ -129,11 +141,32 @@ def run(args: argparse.Namespace) -> DemoResult:
         else:
             mem = pw.GuestMemory.memfd(size, hugepages=args.kind == "hugetlb")
         result = DemoResult(pages=pages, page_size=page_size, poisoned=len(poison))
-        source = pw.FileSource(image_path)
+        stack = contextlib.ExitStack()
+        source: pw.FileSource | pw.RemoteSource
+        if args.remote:
+            from pagewarden._server_process import ServerProcess, write_token
+
+            token_path = os.path.join(tmp, "token")
+            poison_path = os.path.join(tmp, "poison.json")
+            token = write_token(Path(token_path))
+            poison.save(poison_path)
+            server = stack.enter_context(
+                ServerProcess(Path(image_path), Path(token_path), Path(poison_path))
+            )
+            print(f"  page server (pagewarden serve) listening on {server.address}", file=out)
+            source = stack.enter_context(pw.RemoteSource(server.address, token))
+            # The poison comes from the server, announced when the source connected.
+            handler_poison = None
+        else:
+            source = pw.FileSource(image_path)
+            handler_poison = poison
         started = time.monotonic()
-        with pw.Handler(
-            mem, source, poison=poison, mode=args.mode, prefetch=not args.no_prefetch
-        ) as handler:
+        with (
+            stack,
+            pw.Handler(
+                mem, source, poison=handler_poison, mode=args.mode, prefetch=not args.no_prefetch
+            ) as handler,
+        ):
             handler.start()
             touched: list[pw.TouchResult] = []
             errors: list[BaseException] = []
@@ -211,6 +244,9 @@ def run(args: argparse.Namespace) -> DemoResult:
             vbar.finish(pages, "done")
             if handler.poison_set() != poison:
                 result.unexpected_sigbus.append(-1)
+            remote_stats = dict(source.stats()) if isinstance(source, pw.RemoteSource) else None
+        if args.remote:
+            print(f"  page server: {server.summary}", file=out)
 
         codes: dict[int, int] = {}
         for _gpa, _addr, code in touch.sigbus:
@@ -235,6 +271,20 @@ def run(args: argparse.Namespace) -> DemoResult:
             ),
             ("touch latency (guest) avg", f"{touch.latency_ns_avg / 1000:.1f} µs"),
             ("EEXIST / EAGAIN", f"{st['eexist']} / {st['eagain_retries']}"),
+            *(
+                [
+                    (
+                        "remote requests urgent / bulk",
+                        (
+                            f"{remote_stats['urgent_requests']} / "
+                            f"{remote_stats['bulk_requests']}, "
+                            f"{int(remote_stats['bytes_received']) / MIB:.0f} MiB received"
+                        ),
+                    )
+                ]
+                if remote_stats is not None
+                else []
+            ),
             (
                 "throughput",
                 (

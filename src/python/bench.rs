@@ -1,8 +1,16 @@
 //! Native helpers for `pagewarden bench` and `benches/`: a toucher that times every first touch
-//! exactly (the workload every handler is measured under, native so the GIL is never involved)
-//! and a native PoisonSet lookup loop. Private API (`_bench_*`), not part of the contract.
+//! exactly (the workload every handler is measured under, native so the GIL is never involved),
+//! a toucher of chosen pages one at a time, a native PoisonSet lookup loop and a raw loopback TCP
+//! stream (the bound remote post-copy is measured against). Private API (`_bench_*`), not part of
+//! the contract.
 
-use std::time::Instant;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::time::{clock_gettime, ClockId};
+use nix::unistd::Pid;
 
 use pyo3::prelude::*;
 
@@ -141,9 +149,156 @@ fn _bench_poison_lookups(
     }))
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of Python's `time.monotonic_ns()`, so touch times and
+/// events timed in Python can be compared.
+fn monotonic_ns() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Pins the calling thread to `cpu` (None: leaves it as it is).
+fn pin_current_thread(cpu: Option<usize>) -> Result<(), Error> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    let mut set = CpuSet::new();
+    set.set(cpu)
+        .map_err(|e| Error::Config(format!("CPU {cpu}: {e}")))?;
+    sched_setaffinity(Pid::from_raw(0), &set).map_err(|e| Error::os("sched_setaffinity", e))
+}
+
+/// Touches the pages at indices `pages` of `memory` one at a time, in the order given, from one
+/// native thread (pinned to `cpu` if given), one 8-byte load each, timed; waits `interval_us`
+/// between touches and stops early after `max_seconds`. Runs with the GIL released. Returns
+/// (CLOCK_MONOTONIC ns at the start of each touch, latency in ns of each touch, number of
+/// touches that raised SIGBUS); the lists are as long as the touches made.
+#[pyfunction]
+#[pyo3(signature = (memory, pages, interval_us = 0, max_seconds = None, cpu = None))]
+fn _bench_touch_pages(
+    py: Python<'_>,
+    memory: &GuestMemory,
+    pages: Vec<u64>,
+    interval_us: u64,
+    max_seconds: Option<f64>,
+    cpu: Option<usize>,
+) -> PyResult<(Vec<u64>, Vec<u64>, u64)> {
+    let inner = memory.inner.clone();
+    if let Some(&bad) = pages.iter().find(|&&p| p >= inner.pages() as u64) {
+        return Err(Error::Config(format!(
+            "page index {bad} is outside the memory ({} pages)",
+            inner.pages()
+        )))
+        .py_err();
+    }
+    let limit = max_seconds.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    py.detach(move || {
+        probe::install_sigbus_handler().map_err(|e| Error::os("sigaction(SIGBUS)", e))?;
+        let (address, page_size) = (inner.address(), inner.page_size());
+        let worker = std::thread::Builder::new()
+            .name("pagewarden-bench-touch".into())
+            .spawn(move || -> Result<(Vec<u64>, Vec<u64>, u64), Error> {
+                pin_current_thread(cpu)?;
+                let (mut starts, mut latencies) = (Vec::new(), Vec::new());
+                let mut sigbus = 0;
+                let began = Instant::now();
+                for &k in &pages {
+                    if limit.is_some_and(|l| began.elapsed() >= l) {
+                        break;
+                    }
+                    let host = (address + k * page_size) as usize;
+                    starts.push(monotonic_ns());
+                    let t0 = Instant::now();
+                    if let ProbeOutcome::Sigbus { .. } = probe::probe(host, 8) {
+                        sigbus += 1;
+                    }
+                    latencies.push(t0.elapsed().as_nanos() as u64);
+                    if interval_us > 0 {
+                        std::thread::sleep(Duration::from_micros(interval_us));
+                    }
+                }
+                Ok((starts, latencies, sigbus))
+            })
+            .map_err(|e| Error::Config(format!("spawning the toucher thread: {e}")))?;
+        let result = worker.join().expect("toucher thread");
+        // Keep the memory alive until the toucher has finished.
+        drop(inner);
+        result
+    })
+    .py_err()
+}
+
+/// The raw loopback TCP bound: one native thread (pinned to `sender_cpu` if given) writes
+/// `total_bytes` of incompressible bytes in `chunk`-byte writes over a 127.0.0.1 connection,
+/// another (pinned to `receiver_cpu`) reads them in `chunk`-byte reads. No Python per chunk;
+/// runs with the GIL released. Returns the seconds from the connect to the last byte read.
+#[pyfunction]
+#[pyo3(signature = (total_bytes, chunk = 1 << 20, sender_cpu = None, receiver_cpu = None))]
+fn _bench_tcp_stream(
+    py: Python<'_>,
+    total_bytes: u64,
+    chunk: usize,
+    sender_cpu: Option<usize>,
+    receiver_cpu: Option<usize>,
+) -> PyResult<f64> {
+    if chunk == 0 || total_bytes == 0 {
+        return Err(Error::Config(
+            "total_bytes and chunk must be positive".into(),
+        ))
+        .py_err();
+    }
+    let io = |what: &'static str| move |e: std::io::Error| Error::Config(format!("{what}: {e}"));
+    py.detach(move || {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(io("binding 127.0.0.1:0"))?;
+        let address = listener.local_addr().map_err(io("local_addr"))?;
+        let mut state = 0x5eed_u64;
+        let payload: Vec<u8> = (0..chunk.div_ceil(8))
+            .flat_map(|_| splitmix(&mut state).to_le_bytes())
+            .take(chunk)
+            .collect();
+        let receiver = std::thread::Builder::new()
+            .name("pagewarden-bench-tcp-rx".into())
+            .spawn(move || -> Result<Instant, Error> {
+                pin_current_thread(receiver_cpu)?;
+                let (mut stream, _) = listener.accept().map_err(io("accept"))?;
+                let mut buffer = vec![0u8; chunk];
+                let mut received = 0u64;
+                while received < total_bytes {
+                    let n = stream.read(&mut buffer).map_err(io("read"))?;
+                    if n == 0 {
+                        return Err(Error::Config("the sender closed early".into()));
+                    }
+                    received += n as u64;
+                }
+                Ok(Instant::now())
+            })
+            .map_err(|e| Error::Config(format!("spawning the receiver thread: {e}")))?;
+        let sender = std::thread::Builder::new()
+            .name("pagewarden-bench-tcp-tx".into())
+            .spawn(move || -> Result<Instant, Error> {
+                pin_current_thread(sender_cpu)?;
+                let started = Instant::now();
+                let mut stream = TcpStream::connect(address).map_err(io("connect"))?;
+                let _ = stream.set_nodelay(true);
+                let mut sent = 0u64;
+                while sent < total_bytes {
+                    let n = (total_bytes - sent).min(chunk as u64) as usize;
+                    stream.write_all(&payload[..n]).map_err(io("write"))?;
+                    sent += n as u64;
+                }
+                Ok(started)
+            })
+            .map_err(|e| Error::Config(format!("spawning the sender thread: {e}")))?;
+        let started = sender.join().expect("sender thread")?;
+        let finished = receiver.join().expect("receiver thread")?;
+        Ok(finished.duration_since(started).as_secs_f64())
+    })
+    .py_err()
+}
+
 /// Registers the benchmark helpers on the module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_bench_touch, m)?)?;
+    m.add_function(wrap_pyfunction!(_bench_touch_pages, m)?)?;
+    m.add_function(wrap_pyfunction!(_bench_tcp_stream, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_poison_lookups, m)?)?;
     Ok(())
 }

@@ -1,0 +1,44 @@
+"""The remote post-copy section of ``pagewarden bench`` in its smallest configuration: the
+structure of what it reports, never its speed (figures are goals, reported as ratios)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pagewarden import bench
+
+pytestmark = pytest.mark.usefixtures("uffd")
+
+
+def test_remote_section_reports_every_figure() -> None:
+    config = dataclasses.replace(
+        bench.Config.make(quick=True, repetitions=1), remote_bytes=16 << 20, remote_touches=64
+    )
+    report = bench.Report(machine=bench._machine(), config=dataclasses.asdict(config))
+    bench.run_sections(config, report, {"remote"})
+    remote = report.remote
+    assert remote["bytes"] == 16 << 20
+    assert set(remote["throughput_mib_s"]) == {"raw TCP", "push random", "push half-zero"}
+    assert all(v > 0 for v in remote["throughput_mib_s"].values())
+    # The random image is incompressible: every byte crosses the wire; half the other is zero.
+    assert remote["bytes_received"]["push random"] == 16 << 20
+    assert remote["bytes_received"]["push half-zero"] == 8 << 20
+    assert set(remote["latency"]) == set(bench.REMOTE_LATENCY_NAMES)
+    idle = remote["latency"]["idle"]
+    assert idle["samples"] == 64 and idle["faults"] == [64]
+    assert 0 < idle["p50_us"] <= idle["p99_us"]
+    for name in bench.REMOTE_LATENCY_NAMES:
+        x = remote["latency"][name]
+        assert x["samples"] == sum(x["touches"]) == sum(x["histogram_log2_us"])
+        assert x["p50_us"] <= x["p99_us"]
+        assert len(x["handler_histogram_log2_us"]) == 24
+    for name in bench.REMOTE_LATENCY_NAMES[1:]:
+        push_s = remote["latency"][name]["push_s"]
+        assert len(push_s) == 1 and push_s[0] > 0
+    assert remote["server_summary"].startswith("served ")
+    bench.evaluate_targets(report)
+    assert sum(t["target"].startswith("remote ") for t in report.targets) == 4
+    text = bench.render(report)
+    assert "Remote post-copy over loopback TCP" in text and "no urgent channel" in text
