@@ -305,7 +305,7 @@ def test_two_vms_on_one_engine() -> None:
         assert engine.handlers == 2
         # One native thread serves both: no per-handler threads.
         names = native_thread_names()
-        assert names.count("pagewarden-engi") == 1, names
+        assert names.count("pw-engine") == 1, names
         assert "pagewarden-uffd" not in names, names
         results: list[pw.TouchResult | None] = [None, None]
 

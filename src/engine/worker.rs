@@ -55,7 +55,8 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Starts `threads` worker threads named `name` (1 to 256).
+    /// Starts `threads` worker threads named `name` (`name-N` when more than one; keep `name`
+    /// short: Linux shows 15 bytes of a thread's name).
     pub fn new(threads: usize, name: &str) -> Result<Self> {
         if !(1..=256).contains(&threads) {
             return Err(Error::Config(format!(
@@ -85,6 +86,7 @@ impl Engine {
                 )
                 .map_err(|e| Error::os("epoll_ctl(ADD)", e))?;
             let w = worker.clone();
+            // Linux keeps 15 bytes of a thread's name.
             let thread_name = if threads == 1 {
                 name.to_string()
             } else {

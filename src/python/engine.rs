@@ -18,12 +18,12 @@ pub struct Engine {
 
 #[pymethods]
 impl Engine {
-    /// Starts `threads` native threads (1 to 256) named `pagewarden-engine-N`.
+    /// Starts `threads` native threads (1 to 256) named `pw-engine` (`pw-engine-N` with more than one).
     #[new]
     #[pyo3(signature = (threads = 1))]
     fn new(threads: usize) -> PyResult<Self> {
         Ok(Self {
-            inner: Arc::new(CoreEngine::new(threads, "pagewarden-engine").py_err()?),
+            inner: Arc::new(CoreEngine::new(threads, "pw-engine").py_err()?),
         })
     }
 

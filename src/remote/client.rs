@@ -151,7 +151,10 @@ struct Inner {
     key: Vec<u8>,
     geometry: Geometry,
     ready: EventFd,
+    /// Background answers, applied one per `drain` after every urgent one.
     answers: Mutex<VecDeque<Answer>>,
+    /// Answers to fault requests (and failures, poison): applied first.
+    urgent_answers: Mutex<VecDeque<Answer>>,
     pool: Mutex<Vec<Vec<u8>>>,
     channels: Mutex<Channels>,
     link: Mutex<Link>,
@@ -247,6 +250,7 @@ impl RemoteSource {
             ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| Error::os("eventfd", e))?,
             answers: Mutex::new(VecDeque::with_capacity(1024)),
+            urgent_answers: Mutex::new(VecDeque::with_capacity(1024)),
             pool: Mutex::new(Vec::new()),
             channels: Mutex::new(Channels::default()),
             link: Mutex::new(Link::default()),
@@ -323,8 +327,19 @@ impl Inner {
         format!("page server {}", self.config.address)
     }
 
+    /// Queues an answer the loop applies before any background data (failures, poison).
     fn push(&self, answer: Answer) {
-        lock(&self.answers).push_back(answer);
+        self.push_as(answer, true);
+    }
+
+    /// Queues an answer: `urgent` ones (a thread waits) overtake background data in `drain`.
+    fn push_as(&self, answer: Answer, urgent: bool) {
+        let queue = if urgent {
+            &self.urgent_answers
+        } else {
+            &self.answers
+        };
+        lock(queue).push_back(answer);
         let _ = self.ready.write(1);
     }
 
@@ -642,12 +657,14 @@ impl Inner {
                     )
                 }
             };
-            let urgent_since = {
+            let (urgent_since, urgent) = {
                 let mut channels = lock(&self.channels);
                 let c = &mut channels.ch[channel];
                 let mut since = None;
                 let mut finished = None;
+                let mut urgent = false;
                 if let Some(r) = c.requests.front_mut() {
+                    urgent = r.urgent;
                     r.done += h.length;
                     if r.done == r.len {
                         since = Some(r.since).filter(|_| r.urgent);
@@ -660,16 +677,19 @@ impl Inner {
                         channels.bulk_in_flight -= len;
                     }
                 }
-                since
+                (since, urgent)
             };
             self.answered.store(true, Ordering::Release);
             self.last_answer
                 .store(self.born.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            self.push(Answer {
-                guest_address: h.guest_address,
-                kind,
-                urgent_since,
-            });
+            self.push_as(
+                Answer {
+                    guest_address: h.guest_address,
+                    kind,
+                    urgent_since,
+                },
+                urgent,
+            );
         }
     }
 }
@@ -752,10 +772,44 @@ impl PageSource for RemoteSource {
     fn drain(&self, sink: &mut dyn FnMut(Completion<'_>)) {
         let inner = &self.inner;
         let _ = inner.ready.read();
+        // Every answer a thread waits for, then one piece of background data: a fault answered
+        // meanwhile never waits behind the whole background queue. More background data makes
+        // the ready fd readable again.
         loop {
-            let Some(answer) = lock(&inner.answers).pop_front() else {
-                return;
+            let urgent = lock(&inner.urgent_answers).pop_front();
+            let answer = match urgent {
+                Some(a) => a,
+                None => {
+                    let mut bulk = lock(&inner.answers);
+                    let a = bulk.pop_front();
+                    if !bulk.is_empty() {
+                        let _ = inner.ready.write(1);
+                    }
+                    drop(bulk);
+                    if let Some(a) = a {
+                        self.apply(a, sink);
+                    }
+                    return;
+                }
             };
+            self.apply(answer, sink);
+        }
+    }
+
+    fn granule(&self) -> Option<u64> {
+        Some(self.inner.geometry.page_size)
+    }
+
+    fn known_poison(&self) -> Vec<(u64, u64)> {
+        self.poison.clone()
+    }
+}
+
+impl RemoteSource {
+    /// Hands one answer to the loop, then returns its buffer to the pool.
+    fn apply(&self, answer: Answer, sink: &mut dyn FnMut(Completion<'_>)) {
+        let inner = &self.inner;
+        {
             let gpa = answer.guest_address;
             match answer.kind {
                 AnswerKind::Data(buf) => {
@@ -786,13 +840,5 @@ impl PageSource for RemoteSource {
                 }),
             }
         }
-    }
-
-    fn granule(&self) -> Option<u64> {
-        Some(self.inner.geometry.page_size)
-    }
-
-    fn known_poison(&self) -> Vec<(u64, u64)> {
-        self.poison.clone()
     }
 }
