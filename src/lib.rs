@@ -7,6 +7,7 @@ pub mod engine;
 pub mod error;
 pub mod journal;
 pub mod kvm;
+pub mod log;
 pub mod memory;
 pub mod pagestate;
 pub mod poison;

@@ -35,6 +35,7 @@ from pagewarden._native import (
     page_checksum,
     serve,
 )
+from pagewarden import _logbridge
 from pagewarden.policy import Action, Event, Fault, Policy
 
 __all__ = [
@@ -69,3 +70,5 @@ __all__ = [
     "page_checksum",
     "serve",
 ]
+
+_logbridge.start()

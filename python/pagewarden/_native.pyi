@@ -35,6 +35,7 @@ __all__ = [
     "UnsupportedError",
     "ZeroSource",
     "__version__",
+    "_log_wait",
     "_bench_poison_lookups",
     "_bench_tcp_stream",
     "_bench_touch",
@@ -82,6 +83,9 @@ class ConfigurationError(PagewardenError):
 
 def capabilities() -> dict[str, Any]:
     """The machine's userfaultfd capabilities (kernel features, open methods, hugepages, KVM)."""
+
+def _log_wait(timeout: float) -> tuple[list[tuple[int, str]], int]:
+    """The native core's log records (waits up to ``timeout`` s); and how many were dropped."""
 
 def page_checksum(data: bytes) -> int:
     """The checksum ``GuestMemory.touch`` reports for a page with these bytes."""

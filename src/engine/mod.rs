@@ -176,6 +176,16 @@ impl Shared {
     pub(crate) fn set_failure(&self, error: Error) {
         let mut status = self.status();
         if status.failure.is_none() {
+            crate::log::record(
+                crate::log::Level::Error,
+                format!(
+                    "handler over guest memory at guest address {:#x} failed (fail-stop): {error}",
+                    self.regions
+                        .first()
+                        .map(|r| r.memory.guest_address())
+                        .unwrap_or(0)
+                ),
+            );
             status.failure = Some(error);
         }
         self.cond.notify_all();

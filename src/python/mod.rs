@@ -59,6 +59,19 @@ fn capabilities(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+/// Waits up to `timeout` seconds (GIL released) for the native core's log records; returns
+/// ([(level, message), ...], records dropped since the last call). Used by
+/// `pagewarden._logbridge`, which forwards them to the `pagewarden` logger.
+#[pyfunction]
+fn _log_wait(py: Python<'_>, timeout: f64) -> (Vec<(u8, String)>, u64) {
+    let t = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+    let (records, dropped) = py.detach(move || crate::log::wait(t));
+    (
+        records.into_iter().map(|(l, m)| (l as u8, m)).collect(),
+        dropped,
+    )
+}
+
 /// The checksum `GuestMemory.touch` reports for a page: FNV-1a over 8-byte little-endian words
 /// (the length must be a multiple of 8). Compare it with the source's bytes.
 #[pyfunction]
@@ -91,6 +104,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::Engine>()?;
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
+    m.add_function(wrap_pyfunction!(_log_wait, m)?)?;
     bench::register(m)?;
     kvm::register(m)?;
     serve::register(m)?;

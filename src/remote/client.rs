@@ -497,6 +497,14 @@ impl Inner {
                             Ok(threads) => {
                                 receivers = threads;
                                 self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                                crate::log::record(
+                                    crate::log::Level::Info,
+                                    format!(
+                                        "reconnected to page server {} after {:.1} s",
+                                        self.config.address,
+                                        down_since.elapsed().as_secs_f64()
+                                    ),
+                                );
                                 break;
                             }
                             Err(e) => lock(&self.link).last_error = Some(e.to_string()),
@@ -562,6 +570,15 @@ impl Inner {
     }
 
     fn lost(&self, why: String) {
+        if !self.stop.load(Ordering::Acquire) {
+            crate::log::record(
+                crate::log::Level::Warning,
+                format!(
+                    "lost the connection to page server {}: {why}; reconnecting",
+                    self.config.address
+                ),
+            );
+        }
         let mut link = lock(&self.link);
         link.lost = true;
         link.last_error = Some(why);

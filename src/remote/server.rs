@@ -858,10 +858,17 @@ impl Shared {
         let c = &self.counters;
         match r {
             Ok(()) => {}
-            Err(Error::Protocol(m)) if m.starts_with("authentication failed") => {
-                bump(&c.auth_failures, 1)
+            Err(e @ Error::Protocol(m)) => {
+                if m.starts_with("authentication failed") {
+                    bump(&c.auth_failures, 1)
+                } else {
+                    bump(&c.protocol_errors, 1)
+                }
+                crate::log::record(
+                    crate::log::Level::Warning,
+                    format!("page server: a connection was refused or closed: {e}"),
+                );
             }
-            Err(Error::Protocol(_)) => bump(&c.protocol_errors, 1),
             Err(_) => bump(&c.connection_errors, 1),
         }
     }
