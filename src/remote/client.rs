@@ -169,6 +169,8 @@ struct Inner {
 }
 
 const POOL_MAX: usize = 16;
+/// Background bytes applied per `drain` before the loop looks at its faults again.
+const BULK_BUDGET: u64 = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -339,8 +341,16 @@ impl Inner {
         } else {
             &self.answers
         };
-        lock(queue).push_back(answer);
-        let _ = self.ready.write(1);
+        let was_empty = {
+            let mut q = lock(queue);
+            q.push_back(answer);
+            q.len() == 1
+        };
+        // One wake-up per batch: the loop drains a queue until it is empty (or re-arms the fd
+        // itself when it stops early), so a push onto a non-empty queue needs no signal.
+        if was_empty {
+            let _ = self.ready.write(1);
+        }
     }
 
     fn shutdown_streams(&self) {
@@ -587,6 +597,10 @@ impl Inner {
 
     /// One connection's receiver: reads answers until the connection ends.
     fn receive(self: Arc<Self>, channel: usize, mut stream: TcpStream) {
+        if channel == Role::Bulk as usize {
+            // Background data waits for the CPU while any thread waits for a page.
+            let _ = crate::sys::make_this_thread_background();
+        }
         match self.receive_frames(channel, &mut stream) {
             Ok(()) => {}
             Err(e @ Error::Protocol(_)) => {
@@ -789,26 +803,31 @@ impl PageSource for RemoteSource {
     fn drain(&self, sink: &mut dyn FnMut(Completion<'_>)) {
         let inner = &self.inner;
         let _ = inner.ready.read();
-        // Every answer a thread waits for, then one piece of background data: a fault answered
-        // meanwhile never waits behind the whole background queue. More background data makes
-        // the ready fd readable again.
+        // Every answer a thread waits for, then background data up to a budget: a fault
+        // answered meanwhile never waits behind the whole background queue. More background
+        // data makes the ready fd readable again.
+        let mut budget = BULK_BUDGET;
         loop {
             let urgent = lock(&inner.urgent_answers).pop_front();
-            let answer = match urgent {
-                Some(a) => a,
-                None => {
-                    let mut bulk = lock(&inner.answers);
-                    let a = bulk.pop_front();
-                    if !bulk.is_empty() {
-                        let _ = inner.ready.write(1);
-                    }
-                    drop(bulk);
-                    if let Some(a) = a {
-                        self.apply(a, sink);
-                    }
-                    return;
+            if let Some(answer) = urgent {
+                self.apply(answer, sink);
+                continue;
+            }
+            if budget == 0 {
+                if !lock(&inner.answers).is_empty() {
+                    let _ = inner.ready.write(1);
                 }
+                return;
+            }
+            let Some(answer) = lock(&inner.answers).pop_front() else {
+                return;
             };
+            let bytes = match &answer.kind {
+                AnswerKind::Data(buf) => buf.len() as u64,
+                // Zero and poison answers cost an ioctl, not a copy: count them as a page.
+                _ => 4096,
+            };
+            budget = budget.saturating_sub(bytes);
             self.apply(answer, sink);
         }
     }

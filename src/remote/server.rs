@@ -900,6 +900,11 @@ impl Shared {
         let role = server_handshake(s, &self.token, self.geometry, &poison)?;
         drop(poison);
         after_handshake(s)?;
+        if role == Role::Bulk {
+            // The background stream yields the CPU to the urgent connections' threads, so a
+            // fault's request is never served behind megabytes of background data.
+            let _ = crate::sys::make_this_thread_background();
+        }
         self.serve_requests(s, role)
     }
 
