@@ -334,23 +334,28 @@ impl Inner {
         self.push_as(answer, true);
     }
 
-    /// Queues an answer: `urgent` ones (a thread waits) overtake background data in `drain`.
+    /// Queues an answer: `urgent` ones (a thread waits) overtake background data in `drain`
+    /// and wake the loop at once; background ones wait for the receiver's [`signal`].
     fn push_as(&self, answer: Answer, urgent: bool) {
-        let queue = if urgent {
-            &self.urgent_answers
+        if urgent {
+            let was_empty = {
+                let mut q = lock(&self.urgent_answers);
+                q.push_back(answer);
+                q.len() == 1
+            };
+            // The loop drains the queue until it is empty, so a push onto a non-empty queue
+            // needs no signal.
+            if was_empty {
+                self.signal();
+            }
         } else {
-            &self.answers
-        };
-        let was_empty = {
-            let mut q = lock(queue);
-            q.push_back(answer);
-            q.len() == 1
-        };
-        // One wake-up per batch: the loop drains a queue until it is empty (or re-arms the fd
-        // itself when it stops early), so a push onto a non-empty queue needs no signal.
-        if was_empty {
-            let _ = self.ready.write(1);
+            lock(&self.answers).push_back(answer);
         }
+    }
+
+    /// Wakes the loop to drain what is queued.
+    fn signal(&self) {
+        let _ = self.ready.write(1);
     }
 
     fn shutdown_streams(&self) {
@@ -615,7 +620,18 @@ impl Inner {
 
     fn receive_frames(&self, channel: usize, stream: &mut TcpStream) -> Result<()> {
         let g = self.geometry;
+        // Headers and small frames come out of one buffer (one read for many frames); large
+        // payloads bypass it.
+        let mut stream = std::io::BufReader::with_capacity(256 << 10, stream);
+        let stream = &mut stream;
+        // Background answers wake the loop once per batch: when everything received so far is
+        // queued (the next read may block) or a megabyte has piled up.
+        let mut unsignalled: u64 = 0;
         loop {
+            if unsignalled > 0 && stream.buffer().is_empty() {
+                self.signal();
+                unsignalled = 0;
+            }
             let h = expect_header(stream)?;
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
@@ -721,6 +737,13 @@ impl Inner {
                 },
                 urgent,
             );
+            if !urgent {
+                unsignalled += h.length.max(1);
+                if unsignalled >= BULK_BUDGET {
+                    self.signal();
+                    unsignalled = 0;
+                }
+            }
         }
     }
 }
