@@ -7,6 +7,7 @@ decides policy. See ``pagewarden.Handler`` to begin.
 
 from __future__ import annotations
 
+from pagewarden import _logbridge
 from pagewarden._native import (
     ConfigurationError,
     Engine,
@@ -35,7 +36,6 @@ from pagewarden._native import (
     page_checksum,
     serve,
 )
-from pagewarden import _logbridge
 from pagewarden.policy import Action, Event, Fault, Policy
 
 __all__ = [

@@ -20,8 +20,9 @@ contiguous faults with one ranged ioctl, to show what batching is worth. The bul
 (prefetch bandwidth, pre-poisoning, PoisonSet) are measured against kernel bounds taken by the C
 program in the same run. Remote post-copy (``--only remote``) runs a page server in another
 process on loopback and measures background push against a raw native TCP stream, and fault
-latency idle, under push, and under push without the urgent channel. BENCHMARKS.md has a full
-run and what limits each number.
+latency idle, under push, and under push without the urgent channel. ``--only policy`` measures
+faults/s with a per-fault Python ``on_fault`` and with a notifications-only policy against no
+policy. BENCHMARKS.md has a full run and what limits each number.
 
 The C baseline and the pure-Python handler live in the repository's ``benches/`` directory; it is
 found next to the package (a source checkout or ``maturin develop``), in the current directory,
@@ -107,6 +108,7 @@ class Config:
     gil_timeout_s: float
     remote_bytes: int = 512 * MIB
     remote_touches: int = 2000
+    policy_pages: int = 32768
 
     @staticmethod
     def make(quick: bool, repetitions: int | None = None) -> Config:
@@ -125,6 +127,7 @@ class Config:
                 3.0,
                 128 * MIB,
                 500,
+                8192,
             )
         return Config(False, repetitions or 7, 8192, 32, 192, 4, 256 * MIB, 1 << 20, 1 << 20, 5.0)
 
@@ -845,6 +848,7 @@ class Report:
     bulk: dict[str, Any] = field(default_factory=dict)
     poisonset: list[PoisonSetFigures] = field(default_factory=list)
     remote: dict[str, Any] = field(default_factory=dict)
+    policy: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
@@ -1387,6 +1391,11 @@ def evaluate_targets(report: Report) -> None:
             r > 1.0,
             f"{queued:.0f} / {urgent:.0f} µs",
         )
+    if report.policy:
+        from pagewarden.bench_policy import targets as policy_targets
+
+        for name, value, goal, met, note in policy_targets(report.policy):
+            _target(report, name, value, goal, met, note)
     for f in report.poisonset:
         if f.shape == "sparse":
             _target(
@@ -1698,6 +1707,10 @@ def render(report: Report) -> str:
             )
         header = ["faulting thread", "p50 µs", "p99 µs", "p99 vs idle", "faults timed"]
         out.append(format_table(rows, header))
+    if report.policy:
+        from pagewarden.bench_policy import render_lines
+
+        out.extend(render_lines(report.policy))
     if report.targets:
         out.append("")
         out.append("Targets (goals measured as ratios in this run; never asserted by tests):")
@@ -1882,6 +1895,7 @@ def load_report(path: Path) -> Report:
             bulk=data["bulk"],
             poisonset=[PoisonSetFigures(**f) for f in data["poisonset"]],
             remote=data.get("remote", {}),
+            policy=data.get("policy", {}),
             targets=data["targets"],
             skipped=data["skipped"],
         )
@@ -1903,7 +1917,7 @@ def load_report(path: Path) -> Report:
     return report
 
 
-SECTIONS = ("faults", "busy", "gil", "bulk", "remote")
+SECTIONS = ("faults", "busy", "gil", "bulk", "remote", "policy")
 
 
 def run_sections(config: Config, report: Report, sections: set[str]) -> None:
@@ -1934,6 +1948,10 @@ def run_sections(config: Config, report: Report, sections: set[str]) -> None:
                 run_bulk(config, binary, report)
     if "remote" in sections:
         run_remote(config, report)
+    if "policy" in sections:
+        from pagewarden.bench_policy import run_policy
+
+        report.policy = run_policy(config.policy_pages, config.repetitions)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -1984,8 +2002,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Measure pagewarden's fault path against a plain C userfaultfd handler, a pure-Python "
         "handler and the kernel floor (every contender on the same workload, interleaved), a "
         "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning, PoisonSet and "
-        "remote post-copy over loopback. Needs the repository's benches/ directory and gcc (except "
-        "--only remote); run as root for every scenario."
+        "remote post-copy over loopback and Python policies on the fault path. Needs the "
+        "repository's benches/ directory and gcc (except --only remote and --only policy); run "
+        "as root for every scenario."
     )
     parser.add_argument(
         "--quick",
