@@ -325,3 +325,49 @@ def test_insecure_loopback_without_token(tmp_path: Path) -> None:
             h.start()
             assert h.wait(timeout=30)
             verify(mem, mem.touch(), image, [])
+
+
+def _relay(a: socket.socket, b: socket.socket) -> None:
+    """Copies bytes from ``a`` to ``b`` until either side closes."""
+    try:
+        while data := a.recv(1 << 16):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+
+def test_connect_callable_through_a_tunnel(tmp_path: Path) -> None:
+    """An operator hands in connected sockets (here the local end of a Unix-socket "tunnel"
+    relayed to the server) instead of an address."""
+    size = 1 * MiB
+    image = make_image(size, 103)
+    opened: list[socket.socket] = []
+    with page_server(tmp_path, image, pw.PoisonSet([0x8000])) as (_, address):
+        host, port = address.rsplit(":", 1)
+
+        def tunnel() -> socket.socket:
+            near, far = socket.socketpair()
+            upstream = socket.create_connection((host, int(port)))
+            opened.extend([far, upstream])
+            for a, b in ((far, upstream), (upstream, far)):
+                threading.Thread(target=_relay, args=(a, b), daemon=True).start()
+            return near
+
+        mem = pw.GuestMemory.anonymous(size)
+        with (
+            pw.RemoteSource(token=TOKEN, connect=tunnel) as source,
+            pw.Handler(mem, source) as h,
+        ):
+            assert len(opened) == 4  # two connections, each a tunnel
+            h.start()
+            assert h.wait(timeout=30)
+            verify(mem, mem.touch(), image, [0x8000])
+    for s in opened:
+        s.close()
+    with pytest.raises(pw.ConfigurationError, match="loopback"):
+        pw.RemoteSource(connect=tunnel, insecure_no_token=True)
+    with pytest.raises(pw.ConfigurationError, match="address"):
+        pw.RemoteSource(token=TOKEN)

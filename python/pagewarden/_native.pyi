@@ -1,6 +1,7 @@
 """Type stubs for pagewarden's native core (``pagewarden._native``)."""
 
-from collections.abc import Coroutine, Iterable, Iterator, Sequence
+import socket
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
@@ -260,9 +261,10 @@ class RemoteSource:
 
     def __new__(
         cls,
-        address: str,
+        address: str | None = None,
         token: bytes | str | None = None,
         *,
+        connect: Callable[[], socket.socket] | None = None,
         give_up_after: float = 30.0,
         insecure_no_token: bool = False,
         window: int = 33554432,

@@ -10,8 +10,37 @@ use super::error::IntoPy;
 use super::poison::PoisonSet;
 use crate::error::Error;
 use crate::poison::PoisonSet as CorePoisonSet;
-use crate::remote::client::{RemoteConfig, RemoteSource as CoreRemote};
+use crate::remote::client::{Connector, RemoteConfig, RemoteSource as CoreRemote};
+use crate::remote::protocol::Role;
 use crate::source::PageSource;
+
+/// Calls the operator's `connect` callable for one connection and takes over the socket it
+/// returns (its descriptor is duplicated, the Python socket closed).
+fn connected_stream(
+    py: Python<'_>,
+    callable: &Py<PyAny>,
+    role: Role,
+) -> crate::error::Result<std::net::TcpStream> {
+    let what = match role {
+        Role::Bulk => "background",
+        Role::Urgent => "urgent",
+    };
+    let failed = |e: PyErr| Error::Source {
+        source_name: "connect= callable".into(),
+        guest_address: 0,
+        len: 0,
+        reason: format!("opening the {what} connection raised {e}"),
+    };
+    let sock = callable.bind(py).call0().map_err(failed)?;
+    let fd: i32 = sock
+        .call_method0("fileno")
+        .and_then(|f| f.extract())
+        .map_err(failed)?;
+    let owned = crate::sys::dup_raw_fd(fd)
+        .map_err(|e| Error::os(format!("duplicating the socket from connect= (fd {fd})"), e))?;
+    let _ = sock.call_method0("close");
+    Ok(std::net::TcpStream::from(owned))
+}
 
 /// Pages from a page server on another host (`pagewarden serve` / `pagewarden.serve`), for a
 /// `Handler`. Connects at once (two authenticated connections: urgent requests for faults,
@@ -20,6 +49,11 @@ use crate::source::PageSource;
 /// server that goes away is reconnected with backoff and asked again for every page still
 /// outstanding; after `give_up_after` seconds the handler fail-stops with `SourceError`.
 /// The server's poison set, received up front, joins the handler's poison.
+///
+/// With `connect`, a callable returning a connected stream socket (a tunnel, a TLS terminator's
+/// local end), pagewarden does not dial `address`: it calls `connect()` for each of its two
+/// connections and again on every reconnect; `address` then only names the server in messages,
+/// and a token is required.
 ///
 /// `window` bounds the bytes of background requests in flight. `urgent_channel=False` sends fault
 /// requests behind the background stream on one connection; it exists to measure what the
@@ -40,11 +74,13 @@ impl RemoteSource {
 impl RemoteSource {
     /// Connects to `address` ("host:port").
     #[new]
-    #[pyo3(signature = (address, token = None, *, give_up_after = 30.0, insecure_no_token = false, window = 33554432, urgent_channel = true))]
+    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 33554432, urgent_channel = true))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python signature
     fn new(
         py: Python<'_>,
-        address: String,
+        address: Option<String>,
         token: Option<&Bound<'_, PyAny>>,
+        connect: Option<Py<PyAny>>,
         give_up_after: f64,
         insecure_no_token: bool,
         window: u64,
@@ -62,7 +98,24 @@ impl RemoteSource {
             )))
             .py_err();
         }
+        let address = match (&address, &connect) {
+            (Some(a), _) => a.clone(),
+            (None, Some(_)) => "a connected socket".to_string(),
+            (None, None) => {
+                return Err(Error::Config(
+                    "give the page server's address (\"host:port\") or connect= (a callable \
+                     returning a connected socket)"
+                        .into(),
+                ))
+                .py_err()
+            }
+        };
         let mut config = RemoteConfig::new(address, super::serve::token_of(token)?);
+        if let Some(callable) = connect {
+            config.connector = Some(Connector(Arc::new(move |role: Role| {
+                Python::attach(|py| connected_stream(py, &callable, role))
+            })));
+        }
         config.insecure_no_token = insecure_no_token;
         config.give_up_after = Duration::from_secs_f64(give_up_after);
         config.window = window;

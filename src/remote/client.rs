@@ -29,9 +29,23 @@ use super::protocol::{
 use crate::error::{Error, Result};
 use crate::source::{Completion, PageData, PageSource, Want};
 
+/// Opens an already connected stream to a page server for a connection of the given role
+/// (tunnels, TLS terminators): any stream socket, wrapped as a `TcpStream`.
+#[derive(Clone)]
+pub struct Connector(pub Arc<dyn Fn(Role) -> Result<TcpStream> + Send + Sync>);
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connector(..)")
+    }
+}
+
 /// Settings of a [`RemoteSource`].
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
+    /// Makes each connection instead of dialling `address` (which then only names the server
+    /// in messages). Called once per connection, again on every reconnect.
+    pub connector: Option<Connector>,
     /// `host:port` of the page server.
     pub address: String,
     /// The shared token (at least 16 bytes); None only with `insecure_no_token` on loopback.
@@ -53,6 +67,7 @@ impl RemoteConfig {
     /// Defaults: give up after 30 s, 32 MiB of background requests in flight, 5 s per attempt.
     pub fn new(address: impl Into<String>, token: Option<Vec<u8>>) -> Self {
         Self {
+            connector: None,
             address: address.into(),
             token,
             insecure_no_token: false,
@@ -195,8 +210,11 @@ impl std::fmt::Debug for RemoteSource {
 /// Both connections to a server, authenticated, and what it announced.
 type Connected = (Geometry, Vec<(u64, u64)>, [TcpStream; 2]);
 
-/// Opens both connections and runs the handshakes with `key`.
-fn connect(config: &RemoteConfig, key: &[u8]) -> Result<Connected> {
+/// Opens one connection: through the operator's connector when there is one, else TCP.
+fn open_stream(config: &RemoteConfig, role: Role) -> Result<TcpStream> {
+    if let Some(connector) = &config.connector {
+        return (connector.0)(role);
+    }
     let addrs: Vec<_> = config
         .address
         .to_socket_addrs()
@@ -208,9 +226,14 @@ fn connect(config: &RemoteConfig, key: &[u8]) -> Result<Connected> {
             config.address
         )));
     };
+    TcpStream::connect_timeout(addr, config.connect_timeout)
+        .map_err(|e| super::protocol::io_error("connecting to the page server", e))
+}
+
+/// Opens both connections and runs the handshakes with `key`.
+fn connect(config: &RemoteConfig, key: &[u8]) -> Result<Connected> {
     let open = |role: Role| -> Result<(TcpStream, super::protocol::ServerInfo)> {
-        let mut s = TcpStream::connect_timeout(addr, config.connect_timeout)
-            .map_err(|e| super::protocol::io_error("connecting to the page server", e))?;
+        let mut s = open_stream(config, role)?;
         let _ = s.set_nodelay(true);
         s.set_read_timeout(Some(config.connect_timeout))
             .and_then(|_| s.set_write_timeout(Some(config.connect_timeout)))
@@ -234,11 +257,16 @@ impl RemoteSource {
     /// Connects to the page server (both channels, authenticated) and starts receiving. Fails
     /// at once on a wrong token, an unreachable server or a server that breaks the protocol.
     pub fn connect(config: RemoteConfig) -> Result<Self> {
-        let addrs: Vec<_> = config
-            .address
-            .to_socket_addrs()
-            .map(|a| a.collect())
-            .unwrap_or_default();
+        // A connector's peer is not known here: no token then needs a loopback address.
+        let addrs: Vec<_> = if config.connector.is_some() {
+            Vec::new()
+        } else {
+            config
+                .address
+                .to_socket_addrs()
+                .map(|a| a.collect())
+                .unwrap_or_default()
+        };
         let key = check_token(
             config.token.as_deref(),
             config.insecure_no_token,
