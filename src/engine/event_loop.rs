@@ -102,6 +102,8 @@ pub(crate) struct EventLoop {
     /// The asynchronous source has as much background work as it takes: no prefetch until it
     /// answers something.
     source_busy: bool,
+    /// Background requests are answered asynchronously (a remote source), not copied here.
+    background_async: bool,
     last_faults: u64,
 }
 
@@ -126,6 +128,7 @@ impl EventLoop {
             plan_pos: 0,
             async_source,
             source_busy: false,
+            background_async: false,
             last_faults: 0,
         }
     }
@@ -179,7 +182,7 @@ impl EventLoop {
             return Ok(Step::More);
         }
         if self.prefetching && !self.source_busy {
-            self.chunk = if self.async_source {
+            self.chunk = if self.background_async {
                 // Background requests do not compete with faults here (they travel on their
                 // own stream); the largest request keeps the pipe full.
                 PREFETCH_MAX
@@ -1057,6 +1060,7 @@ impl EventLoop {
                 Ok(PageData::Address(a)) => Fill::Source(a),
                 Ok(PageData::Zero) => Fill::Zero,
                 Ok(PageData::Pending) => {
+                    self.background_async = true;
                     for k in i..i + n {
                         region
                             .states
