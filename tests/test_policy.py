@@ -334,3 +334,17 @@ def test_two_vms_on_one_engine() -> None:
     with pytest.raises(pw.HandlerClosedError):
         h2 = pw.Handler(pw.GuestMemory.anonymous(4096), pw.ZeroSource(), engine=engine)
         h2.start()
+
+
+def test_a_dropped_handler_ends_its_dispatcher() -> None:
+    import gc
+
+    mem = pw.GuestMemory.anonymous(64 * 1024)
+    h = pw.Handler(mem, pw.ZeroSource(), policy=Decide({}))
+    h.start()
+    assert h.wait(timeout=30)
+    dispatcher = next(t for t in threading.enumerate() if t.name == "pagewarden-policy")
+    del h
+    gc.collect()
+    dispatcher.join(timeout=10)
+    assert not dispatcher.is_alive()

@@ -341,6 +341,11 @@ impl Drop for Handler {
         // Dropped by Python with the GIL held: release it while the event loop thread is joined,
         // so that everything the loop owns (a MemorySource's exported buffer among them) is
         // released here, on a Python thread, and not later on the native one.
+        // A policy's dispatcher thread ends on its own once the hub is stopped (it holds the
+        // handler only weakly).
+        if let Some((_, hub)) = &self.policy {
+            hub.stop();
+        }
         Python::attach(|py| py.detach(|| self.inner.close()));
     }
 }
