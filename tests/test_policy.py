@@ -348,3 +348,19 @@ def test_a_dropped_handler_ends_its_dispatcher() -> None:
     gc.collect()
     dispatcher.join(timeout=10)
     assert not dispatcher.is_alive()
+
+
+def test_closing_the_engine_fail_stops_its_running_handlers() -> None:
+    mem = pw.GuestMemory.anonymous(64 * 1024)
+    engine = pw.Engine(threads=2)
+    h = pw.Handler(mem, pw.ZeroSource(), prefetch=False, engine=engine)
+    h.start()
+    engine.close()
+    assert engine.handlers == 0
+    with pytest.raises(pw.HandlerClosedError, match="Engine was closed"):
+        h.check()
+    with pytest.raises(pw.HandlerClosedError):
+        h.wait(timeout=1)
+    # Fenced, never zeros.
+    assert mem.touch(pages_of(mem)[:2]).poisoned == pages_of(mem)[:2]
+    h.close()

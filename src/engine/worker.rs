@@ -233,7 +233,16 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
             // Closing the engine stops the handlers still on it (fail-stop: what is missing is
             // fenced), rather than waiting for them forever.
             for slot in slots.iter_mut().flatten() {
-                slot.event_loop.shared().stop.store(true, Ordering::Release);
+                let shared = slot.event_loop.shared();
+                if !shared.stop.swap(true, Ordering::AcqRel) {
+                    // Stopped from outside: say so, so that nobody takes the fenced pages for
+                    // a completed migration.
+                    shared.set_failure(Error::HandlerClosed(
+                        "the Engine was closed while this handler was serving; the pages still \
+                         missing were fenced (they raise SIGBUS)"
+                            .into(),
+                    ));
+                }
                 slot.more = true;
             }
         }

@@ -618,7 +618,9 @@ impl Handler {
     }
 
     /// The state of the page holding `guest_address`: "missing", "in_flight", "present",
-    /// "poisoned", "removed" or "fenced"; None outside guest memory.
+    /// "poisoned", "removed", "fenced", or with an asynchronous source or a deciding policy
+    /// "requested" (asked for in the background) or "urgent" (asked for by a fault, whose
+    /// thread waits for the answer); None outside guest memory.
     fn page_state(&self, guest_address: u64) -> Option<&'static str> {
         use crate::pagestate::PageState::*;
         self.inner.page_state(guest_address).map(|s| match s {
