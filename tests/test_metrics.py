@@ -40,3 +40,21 @@ def test_collector_exports_the_stats(uffd: None) -> None:
         text = generate_latest(registry).decode()
         assert 'pagewarden_faults_total{vm="vm-a"}' in text
         assert "# TYPE pagewarden_fault_latency_seconds histogram" in text
+
+
+def test_collector_exports_policy_counters(uffd: None) -> None:
+    mem = pw.GuestMemory.anonymous(16 * PAGE)
+
+    class PoisonThird(pw.Policy):
+        def on_fault(self, fault: pw.Fault) -> pw.Action | None:
+            return pw.Action.POISON if fault.guest_address == 2 * PAGE else None
+
+    registry = CollectorRegistry()
+    with pw.Handler(mem, pw.ZeroSource(), prefetch=False, policy=PoisonThird()) as h:
+        pagewarden.metrics.register({"vm-p": h}, registry=registry)
+        h.start()
+        assert mem.touch(pages=[0, PAGE, 2 * PAGE]).poisoned == [2 * PAGE]
+        value = registry.get_sample_value
+        assert value("pagewarden_policy_faults_total", {"vm": "vm-p"}) == 3
+        assert value("pagewarden_pages_poisoned_policy_total", {"vm": "vm-p"}) == 1
+        assert value("pagewarden_policy_timeouts_total", {"vm": "vm-p"}) == 0

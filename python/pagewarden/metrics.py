@@ -47,6 +47,14 @@ COUNTERS: dict[str, str] = {
     "unmap_events": "munmap notifications.",
     "remap_events": "mremap notifications.",
     "unknown_faults": "Faults outside every region.",
+    "pages_poisoned_source": "Pages a remote source reported poisoned after the start.",
+    "pages_poisoned_policy": "Pages a policy decided to poison.",
+    # Present only with a policy (Handler(..., policy=...)); exported as 0 otherwise.
+    "policy_faults": "Faults handed to the policy's on_fault.",
+    "policy_source_errors": "Source errors handed to the policy's on_source_error.",
+    "policy_timeouts": "Policy decisions that missed policy_timeout (native default applied).",
+    "policy_late_answers": "Policy answers that arrived after their deadline and were dropped.",
+    "policy_notices_dropped": "Policy notifications dropped because the dispatcher fell behind.",
 }
 
 
@@ -64,7 +72,7 @@ class HandlerCollector(Collector):
         for name, help_text in COUNTERS.items():
             family = CounterMetricFamily(f"pagewarden_{name}", help_text, labels=["vm"])
             for vm, st in stats.items():
-                family.add_metric([vm], float(st[name]))
+                family.add_metric([vm], float(st.get(name, 0)))
             yield family
         pages = GaugeMetricFamily(
             "pagewarden_pages", "Guest pages by state.", labels=["vm", "state"]
