@@ -646,7 +646,7 @@ impl Inner {
         }
     }
 
-    fn receive_frames(&self, channel: usize, stream: &mut TcpStream) -> Result<()> {
+    fn receive_frames(&self, channel: usize, stream: &mut impl std::io::Read) -> Result<()> {
         let g = self.geometry;
         // Headers and small frames come out of one buffer (one read for many frames); large
         // payloads bypass it.
@@ -927,5 +927,62 @@ impl RemoteSource {
                 }),
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl RemoteSource {
+    /// For the protocol fuzzer: a source without a server whose answer loop reads `input` as if
+    /// from the server, with `requests` outstanding on the urgent connection. Returns how the
+    /// loop ended and the (guest address, length) of every answer it accepted.
+    pub(crate) fn fuzz_answers(
+        geometry: Geometry,
+        requests: &[(u64, u64)],
+        input: &[u8],
+    ) -> (Result<()>, Vec<(u64, u64)>) {
+        let inner = Inner {
+            config: RemoteConfig::new("fuzz:0", None),
+            key: Vec::new(),
+            geometry,
+            ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK)
+                .unwrap_or_else(|e| panic!("eventfd: {e}")),
+            answers: Mutex::new(VecDeque::new()),
+            urgent_answers: Mutex::new(VecDeque::new()),
+            pool: Mutex::new(Vec::new()),
+            channels: Mutex::new(Channels::default()),
+            link: Mutex::new(Link::default()),
+            link_cond: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stats: RemoteStats::default(),
+            answered: AtomicBool::new(false),
+            last_answer: AtomicU64::new(0),
+            born: Instant::now(),
+        };
+        {
+            let mut channels = lock(&inner.channels);
+            for &(guest_address, len) in requests {
+                channels.ch[Role::Urgent as usize]
+                    .requests
+                    .push_back(Request {
+                        guest_address,
+                        len,
+                        done: 0,
+                        since: Instant::now(),
+                        urgent: true,
+                    });
+            }
+        }
+        let result = inner.receive_frames(Role::Urgent as usize, &mut std::io::Cursor::new(input));
+        let accepted = lock(&inner.urgent_answers)
+            .iter()
+            .map(|a| {
+                let len = match &a.kind {
+                    AnswerKind::Data(b) => b.len() as u64,
+                    AnswerKind::Zero(l) | AnswerKind::Poison(l) | AnswerKind::Failed(l, _) => *l,
+                };
+                (a.guest_address, len)
+            })
+            .collect();
+        (result, accepted)
     }
 }

@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::client::RemoteSource;
 use super::protocol::{
     client_handshake, server_handshake, Geometry, Header, Kind, Role, FLAG_URGENT, HEADER_LEN,
     MAGIC, NONCE_LEN, VERSION,
@@ -226,12 +227,23 @@ fn protocol_fuzz() {
     )
     .unwrap();
     let geometry = Geometry::new(PAGE, memory_size).unwrap();
+    // The answer loop accepts a well-formed reply whole (so the fuzzing below is not vacuous).
+    let asked = [(2 * PAGE, 2 * PAGE), (9 * PAGE, PAGE)];
+    let mut reply = frame(Kind::Data, 0, 2 * PAGE, PAGE, &[1u8; PAGE as usize]);
+    reply.extend(frame(Kind::Zero, 0, 3 * PAGE, PAGE, &[]));
+    reply.extend(frame(Kind::Poison, 0, 9 * PAGE, PAGE, &[]));
+    let (end, accepted) = RemoteSource::fuzz_answers(geometry, &asked, &reply);
+    assert!(end.is_err(), "the stream ends after the reply"); // end of input, not a violation
+    assert_eq!(
+        accepted,
+        vec![(2 * PAGE, PAGE), (3 * PAGE, PAGE), (9 * PAGE, PAGE)]
+    );
     let budget = fuzz_seconds();
     let start = Instant::now();
-    let mut iterations = [0u64; 5];
+    let mut iterations = [0u64; 6];
     while start.elapsed() < budget {
         for _ in 0..64 {
-            match rng.below(5) {
+            match rng.below(6) {
                 0 => {
                     let b: [u8; HEADER_LEN] = if rng.next() & 1 == 0 {
                         rng.bytes(HEADER_LEN).try_into().unwrap_or([0; HEADER_LEN])
@@ -291,6 +303,48 @@ fn protocol_fuzz() {
                     check_tiling(&d.output);
                     iterations[3] += 1;
                 }
+                5 => {
+                    // The destination's answer loop: a server's reply to requests, mutated.
+                    // Whatever it accepts must lie inside what was asked for, in order.
+                    let asked: Vec<(u64, u64)> = (0..1 + rng.below(4))
+                        .map(|_| {
+                            let pages = 1 + rng.below(4) as u64;
+                            let first = rng.below((memory_size / PAGE - pages) as usize) as u64;
+                            (first * PAGE, pages * PAGE)
+                        })
+                        .collect();
+                    let reply: Vec<u8> = asked
+                        .iter()
+                        .flat_map(|&(a, l)| match rng.below(3) {
+                            0 => frame(Kind::Zero, 0, a, l, &[]),
+                            1 => frame(Kind::Poison, 0, a, l, &[]),
+                            _ => frame(Kind::Data, 0, a, l, &vec![7u8; l as usize]),
+                        })
+                        .collect();
+                    let input = if rng.below(8) == 0 {
+                        let n = rng.below(300);
+                        rng.bytes(n)
+                    } else {
+                        mutate(&mut rng, reply)
+                    };
+                    let (_, accepted) = RemoteSource::fuzz_answers(geometry, &asked, &input);
+                    let mut k = 0;
+                    let mut at = asked.first().map(|r| r.0).unwrap_or(0);
+                    for (a, l) in accepted {
+                        while k < asked.len() && at == asked[k].0 + asked[k].1 {
+                            k += 1;
+                            at = asked.get(k).map(|r| r.0).unwrap_or(0);
+                        }
+                        assert!(k < asked.len(), "an answer beyond every request");
+                        assert_eq!(a, at, "an answer that does not continue its request");
+                        assert!(
+                            a + l <= asked[k].0 + asked[k].1,
+                            "an answer past its request"
+                        );
+                        at = a + l;
+                    }
+                    iterations[5] += 1;
+                }
                 _ => {
                     // Valid requests must be answered completely and correctly tiled.
                     let input = requests(&mut rng, memory_size);
@@ -310,7 +364,8 @@ fn protocol_fuzz() {
     let st = server.stats();
     println!(
         "protocol fuzz: {} inputs in {:.1}s (decode {}, server handshake {}, client handshake {}, \
-         mutated requests {}, valid requests {}); {} requests served, {} protocol errors",
+         mutated requests {}, valid requests {}, destination answers {}); {} requests served, \
+         {} protocol errors",
         iterations.iter().sum::<u64>(),
         start.elapsed().as_secs_f64(),
         iterations[0],
@@ -318,6 +373,7 @@ fn protocol_fuzz() {
         iterations[2],
         iterations[3],
         iterations[4],
+        iterations[5],
         st.requests,
         st.protocol_errors,
     );
