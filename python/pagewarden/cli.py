@@ -191,7 +191,8 @@ def _serve_source(args: argparse.Namespace) -> str | pw.ProcessMemory:
             raise _UsageProblem("give either IMAGE or --pid with --map, not both")
         if not args.map:
             raise _UsageProblem("--pid needs at least one --map GUEST_ADDR:HOST_ADDR:LEN")
-        return pw.ProcessMemory(args.pid, [_parse_map(m) for m in args.map])
+        page_size = _parse_int(args.page_size, "--page-size")
+        return pw.ProcessMemory(args.pid, [_parse_map(m) for m in args.map], page_size=page_size)
     if args.map:
         raise _UsageProblem("--map is for --pid; an IMAGE file needs no maps")
     if args.image is None:
@@ -479,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="GUEST_ADDR:HOST_ADDR:LEN",
         help="with --pid: guest range at HOST_ADDR in that process (hex or decimal; repeatable)",
+    )
+    p.add_argument(
+        "--page-size",
+        default="4096",
+        help="with --pid: the page size to serve (4096, or 0x200000 for hugetlb-backed memory)",
     )
     p.add_argument("--poison", help="poison list: JSON poison file, journal or text list")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default 127.0.0.1:0)")
