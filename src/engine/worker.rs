@@ -200,7 +200,10 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
     let mut ready = 0;
     let mut faults_seen = false;
     loop {
-        if worker.has_incoming.swap(false, Ordering::AcqRel) {
+        // A plain load first: the swap (a locked instruction) only when there is something.
+        if worker.has_incoming.load(Ordering::Acquire)
+            && worker.has_incoming.swap(false, Ordering::AcqRel)
+        {
             let new: Vec<_> =
                 std::mem::take(&mut *worker.incoming.lock().unwrap_or_else(|e| e.into_inner()));
             for shared in new {
