@@ -364,6 +364,8 @@ def test_cli_serve_prints_its_address_first_and_exits_0_on_sigterm(tmp_path: Pat
         str(tmp_path / "token"),
         "--poison",
         str(tmp_path / "poison.json"),
+        "--progress-interval",
+        "0.05",
     )
     try:
         assert proc.stdout is not None
@@ -377,6 +379,7 @@ def test_cli_serve_prints_its_address_first_and_exits_0_on_sigterm(tmp_path: Pat
         assert c.poison == [(3 * PAGE, PAGE)]
         check_pages(c, data, {3 * PAGE})
         c.close()
+        time.sleep(0.5)  # room for a few status lines (every 0.05 s while something changes)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=SETTLE_LIMIT)
     finally:
@@ -387,6 +390,10 @@ def test_cli_serve_prints_its_address_first_and_exits_0_on_sigterm(tmp_path: Pat
     assert summary.startswith(
         "served 1 requests (1 urgent) on 1 connections: 12 pages sent, 3 zero, 1 poison"
     )
+    # Progress on stderr, and only while something changes (not a line per interval).
+    status = [line for line in err.splitlines() if line.startswith("serving: ")]
+    assert status and "1 requests (1 urgent)" in status[-1], err
+    assert len(status) <= 3, status
 
 
 @pytest.mark.parametrize(

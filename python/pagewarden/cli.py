@@ -242,7 +242,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host, port = address
         shown = f"[{host}]" if ":" in host else host
         print(f"listening on {shown}:{port}", flush=True)
-        signal.sigwait(stop)
+        interval = args.progress_interval
+        last: tuple[int, ...] = ()
+        while True:
+            if interval <= 0:
+                signal.sigwait(stop)
+                break
+            if signal.sigtimedwait(stop, interval) is not None:
+                break
+            st = server.stats()
+            now = (st["connections_active"], st["requests"], st["bytes_sent"])
+            if now != last:
+                last = now
+                print(
+                    f"serving: {st['connections_active']} connections, {st['requests']} "
+                    f"requests ({st['urgent_requests']} urgent), "
+                    f"{st['bytes_sent'] / (1 << 20):.1f} MiB sent, "
+                    f"{st['pages_poison']} poison pages, {st['auth_failures']} auth failures",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         server.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -480,6 +499,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="GUEST_ADDR:HOST_ADDR:LEN",
         help="with --pid: guest range at HOST_ADDR in that process (hex or decimal; repeatable)",
+    )
+    p.add_argument(
+        "--progress-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="print a status line to stderr this often while something changes (0: never)",
     )
     p.add_argument(
         "--page-size",
