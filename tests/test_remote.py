@@ -371,3 +371,31 @@ def test_connect_callable_through_a_tunnel(tmp_path: Path) -> None:
         pw.RemoteSource(connect=tunnel, insecure_no_token=True)
     with pytest.raises(pw.ConfigurationError, match="address"):
         pw.RemoteSource(token=TOKEN)
+
+
+def test_closing_the_source_under_a_waiting_fault_fences_it(tmp_path: Path) -> None:
+    size = 1 * MiB
+    image = make_image(size, 107)
+    with page_server(tmp_path, image) as (proc, address):
+        source = pw.RemoteSource(address, TOKEN, give_up_after=60)
+        mem = pw.GuestMemory.anonymous(size)
+        h = pw.Handler(mem, source, prefetch=False)
+        h.start()
+        proc.send_signal(signal.SIGSTOP)  # the server stops answering
+        try:
+            results: list[pw.TouchResult] = []
+            toucher = threading.Thread(target=lambda: results.append(mem.touch([0x5000])))
+            toucher.start()
+            deadline = time.monotonic() + 10
+            while h.page_state(0x5000) != "urgent" and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert h.page_state(0x5000) == "urgent"
+            source.close()
+            toucher.join(timeout=30)
+            assert not toucher.is_alive(), "the fault still waits after the source was closed"
+            assert results[0].poisoned == [0x5000]  # fenced, never zeros
+            with pytest.raises(pw.SourceError, match="closed"):
+                h.check()
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        h.close()

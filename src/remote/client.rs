@@ -329,7 +329,19 @@ impl RemoteSource {
     /// Stops the threads and closes the connections. Idempotent; pages not yet received are
     /// never answered (a handler still using this source fail-stops them on close).
     pub fn close(&self) {
-        self.inner.stop.store(true, Ordering::Release);
+        if !self.inner.stop.swap(true, Ordering::AcqRel) {
+            // A handler still asking this source would wait forever for what is outstanding:
+            // tell it the source is gone, so that it fences those pages (fail-stop).
+            let (guest_address, len) = self.inner.oldest_outstanding();
+            if len > 0 {
+                self.inner.push_failure(Error::Source {
+                    source_name: self.inner.source_name(),
+                    guest_address,
+                    len,
+                    reason: "the RemoteSource was closed while pages were outstanding".into(),
+                });
+            }
+        }
         self.inner.shutdown_streams();
         {
             let mut link = lock(&self.inner.link);
