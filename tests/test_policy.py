@@ -77,6 +77,10 @@ def test_on_fault_decisions_take_effect(kind: str, mode: Mode) -> None:
         seen = {f.guest_address for f in policy.faults}
         assert seen == set(pages) - {known}
         assert all(f.page_size == mem.page_size for f in policy.faults)
+        # Loads, from the touching threads (UFFD_FEATURE_THREAD_ID names them).
+        assert not any(f.write for f in policy.faults)
+        assert all(f.thread_id > 0 for f in policy.faults)
+        assert len({f.thread_id for f in policy.faults}) <= 2
     # on_poison saw the known page and the one the policy poisoned, each once.
     assert sorted(policy.poisoned) == sorted([poison_p, known])
     assert h.poison_set() == pw.PoisonSet([poison_p, known], page_size=mem.page_size)
@@ -364,3 +368,20 @@ def test_closing_the_engine_fail_stops_its_running_handlers() -> None:
     # Fenced, never zeros.
     assert mem.touch(pages_of(mem)[:2]).poisoned == pages_of(mem)[:2]
     h.close()
+
+
+def test_on_fault_sees_write_faults() -> None:
+    import ctypes
+
+    size = 64 * 1024
+    image = make_image(size, 109)
+    mem = pw.GuestMemory.anonymous(size)
+    policy = Decide({})
+    with pw.Handler(mem, pw.MemorySource(image), prefetch=False, policy=policy) as h:
+        h.start()
+        host = mem.host_address_of(0x3000)
+        assert host is not None
+        ctypes.memset(host, 0xAB, 1)  # a store (ctypes releases the GIL for the call)
+        assert ctypes.string_at(host, 2) == bytes([0xAB, image[0x3001]])
+        h.check()
+    assert [(f.guest_address, f.write) for f in policy.faults] == [(0x3000, True)]
