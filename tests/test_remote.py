@@ -399,3 +399,33 @@ def test_closing_the_source_under_a_waiting_fault_fences_it(tmp_path: Path) -> N
         finally:
             proc.send_signal(signal.SIGCONT)
         h.close()
+
+
+def test_poison_found_at_the_source_is_journaled(tmp_path: Path) -> None:
+    """The server discovers a poisoned page only when it reads it (a uffd poison marker in the
+    memory it serves); the destination journals it, so the next hop knows it too."""
+    from pagewarden import poison_tools
+
+    size = 512 * 1024
+    image = make_image(size, 113)
+    src_mem = pw.GuestMemory.anonymous(size)
+    hidden = 0x9000
+    with pw.Handler(src_mem, pw.MemorySource(image), poison=pw.PoisonSet([hidden])) as hs:
+        hs.start()
+        assert hs.wait(timeout=30)
+        # Served without telling the server about the poison: it finds it by reading.
+        with pw.serve(src_mem, token=TOKEN) as server:
+            assert server.address is not None
+            host, port = server.address
+            journal = tmp_path / "poison.journal"
+            mem = pw.GuestMemory.anonymous(size)
+            with (
+                pw.RemoteSource(f"{host}:{port}", TOKEN) as source,
+                pw.Handler(mem, source, poison_journal=journal) as h,
+            ):
+                h.start()
+                assert h.wait(timeout=30)
+                verify(mem, mem.touch(), image, [hidden])
+                assert h.stats()["pages_poisoned_source"] == 1
+            assert list(server.poison_set()) == [hidden]
+    assert list(poison_tools.load_any(str(journal))[0]) == [hidden]
