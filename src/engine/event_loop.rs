@@ -4,6 +4,7 @@
 //! none are waiting, one background prefetch chunk runs, its size adapting as CRIU's does.
 //! Nothing here allocates, locks or logs per fault.
 
+use std::cell::Cell;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -93,7 +94,9 @@ pub(crate) struct EventLoop {
     chunk: u64,
     cursor: (usize, usize),
     complete_notified: bool,
-    process_gone: bool,
+    /// The faulting process is gone (ESRCH): a Cell, so that the resolution path can take
+    /// `&self` and borrow the shared state without cloning its Arc per fault.
+    process_gone: Cell<bool>,
     /// Prefetch-first ranges (region, next page, end page), worked through before `cursor`.
     plan: Vec<(usize, usize, usize)>,
     plan_pos: usize,
@@ -123,7 +126,7 @@ impl EventLoop {
             chunk: PREFETCH_MIN,
             cursor: (0, 0),
             complete_notified: false,
-            process_gone: false,
+            process_gone: Cell::new(false),
             plan,
             plan_pos: 0,
             async_source,
@@ -170,7 +173,7 @@ impl EventLoop {
     /// Handles everything queued (events first, then faults, then the source's answers), then
     /// one chunk of background prefetch if nothing else waits. Never blocks.
     pub(crate) fn step(&mut self, faults_elsewhere: bool) -> Result<Step> {
-        if self.sh.stop.load(Ordering::Acquire) || self.process_gone {
+        if self.sh.stop.load(Ordering::Acquire) || self.process_gone.get() {
             return Ok(Step::Finished);
         }
         let faults = self.service()?;
@@ -332,7 +335,7 @@ impl EventLoop {
             Ok(Outcome::Parked) => {}
             Ok(Outcome::Again) => {
                 Stats::add(&self.sh.stats.eagain_retries, 1);
-                if !self.process_gone {
+                if !self.process_gone.get() {
                     self.retry.push(fault);
                 }
             }
@@ -347,9 +350,8 @@ impl EventLoop {
         }
     }
 
-    fn resolve_inner(&mut self, fault: PendingFault) -> Result<Outcome> {
-        let owner = Arc::clone(&self.sh);
-        let sh: &Shared = &owner;
+    fn resolve_inner(&self, fault: PendingFault) -> Result<Outcome> {
+        let sh: &Shared = &self.sh;
         let region = &sh.regions[fault.region];
         let minor_mode = sh.config.mode == Mode::Minor;
         match region.states.get(fault.index) {
@@ -474,7 +476,7 @@ impl EventLoop {
 
     /// Handles the result of a one-page ioctl that changes no page state.
     fn settle_single(
-        &mut self,
+        &self,
         region: &Region,
         host: u64,
         res: std::result::Result<(), Partial>,
@@ -492,7 +494,7 @@ impl EventLoop {
                 // The range was unmapped meanwhile: nobody can be waiting on it.
                 Errno::ENOENT => Ok(Outcome::Done),
                 Errno::ESRCH => {
-                    self.process_gone = true;
+                    self.process_gone.set(true);
                     Ok(Outcome::Again)
                 }
                 e => Err(Error::os(
@@ -507,7 +509,7 @@ impl EventLoop {
     }
 
     /// Installs a poison marker on one page of `region`.
-    fn poison_page(&mut self, region: &Region, index: usize) -> Result<Outcome> {
+    fn poison_page(&self, region: &Region, index: usize) -> Result<Outcome> {
         let host = region.start + index as u64 * region.page_size;
         let res = self.sh.uffd.poison(host, region.page_size, true);
         if res.is_ok() {
@@ -517,7 +519,7 @@ impl EventLoop {
     }
 
     /// Fail-stop for one page: poison it (not hardware poison) so its thread wakes to a SIGBUS.
-    fn fence(&mut self, region_index: usize, index: usize) {
+    fn fence(&self, region_index: usize, index: usize) {
         let region = &self.sh.regions[region_index];
         let _ = region.states.transition(index, PageState::Fenced);
         let host = region.start + index as u64 * region.page_size;
@@ -529,7 +531,7 @@ impl EventLoop {
     /// Fills pages `[first, first + count)` of a region, all claimed (InFlight) by us and
     /// previously `prev`, with one ranged ioctl where possible; partial progress is kept.
     fn fill_run(
-        &mut self,
+        &self,
         region_index: usize,
         first: usize,
         count: usize,
@@ -537,8 +539,7 @@ impl EventLoop {
         prev: PageState,
         prefetch: bool,
     ) -> Result<Outcome> {
-        let owner = Arc::clone(&self.sh);
-        let sh: &Shared = &owner;
+        let sh: &Shared = &self.sh;
         let region = &sh.regions[region_index];
         let ps = region.page_size;
         let minor_mode = sh.config.mode == Mode::Minor;
@@ -652,7 +653,7 @@ impl EventLoop {
                 }
                 Some(Errno::ESRCH) => {
                     release(i);
-                    self.process_gone = true;
+                    self.process_gone.set(true);
                     return Ok(Outcome::Again);
                 }
                 Some(Errno::EFAULT) if matches!(fill, Fill::Source(_)) => {
