@@ -498,6 +498,27 @@ impl GuestMemory {
         src_address: u64,
         len: u64,
     ) -> std::result::Result<(), Errno> {
+        if self.kind() == MemoryKind::Shmem {
+            // shmem takes writes: one copy straight into the page cache, without mapping it
+            // here first. (hugetlbfs has no write path; it goes through the alias below.)
+            if let Some(fd) = self.memfd.as_ref() {
+                let mut done = 0;
+                while done < len {
+                    match crate::sys::mapping::pwrite_from(
+                        fd.as_fd(),
+                        (src_address + done) as usize,
+                        (len - done) as usize,
+                        offset + done,
+                    ) {
+                        Ok(0) => return Err(Errno::EFAULT),
+                        Ok(n) => done += n as u64,
+                        Err(Errno::EINTR) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                return Ok(());
+            }
+        }
         let alias = self.alias.get().ok_or(Errno::EINVAL)?;
         let mut done = 0;
         while done < len {

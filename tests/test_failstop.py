@@ -7,18 +7,23 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import PAGE, make_image
+from conftest import PAGE, Mode, make_image, make_memory
 
 import pagewarden as pw
 
 
-def test_truncated_image_fences_instead_of_zero_filling(uffd: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("anon", "missing"), ("shmem", "missing"), ("shmem", "minor")]
+)
+def test_truncated_image_fences_instead_of_zero_filling(
+    uffd: None, tmp_path: Path, kind: str, mode: Mode
+) -> None:
     pages = 256
     image = make_image(pages * PAGE, seed=51)
     path = tmp_path / "guest.img"
     path.write_bytes(image)
-    mem = pw.GuestMemory.anonymous(pages * PAGE)
-    with pw.Handler(mem, pw.FileSource(path), prefetch=False) as h:
+    mem = make_memory(kind, pages * PAGE)
+    with pw.Handler(mem, pw.FileSource(path), prefetch=False, mode=mode) as h:
         h.start()
         early = mem.touch(pages=[0, PAGE])
         assert early.checksums[0] == pw.page_checksum(image[:PAGE])

@@ -184,3 +184,24 @@ impl Drop for Mapping {
         }
     }
 }
+
+/// Writes `len` bytes from `src_address` in this process to `fd` at `offset` (pwrite). The
+/// kernel reads the source with copy_from_user, so a source page that is poisoned, truncated
+/// or unmapped fails the write (EFAULT, or a short count) instead of raising SIGBUS here; no
+/// Rust reference to the source is made. Returns the bytes written.
+pub fn pwrite_from(
+    fd: BorrowedFd<'_>,
+    src_address: usize,
+    len: usize,
+    offset: u64,
+) -> Result<usize, Errno> {
+    use std::os::fd::AsRawFd;
+    let offset = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: the kernel validates the source range and only reads it; `fd` is open.
+    let n = unsafe { libc::pwrite(fd.as_raw_fd(), src_address as *const c_void, len, offset) };
+    if n < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(n as usize)
+    }
+}
