@@ -255,3 +255,38 @@ fn access_log_records_first_faults_and_replays_as_prefetch_order() {
     }
     h.close();
 }
+
+#[test]
+fn three_handlers_share_one_engine_thread() {
+    if !uffd_usable() {
+        return;
+    }
+    let engine = Arc::new(super::Engine::new(1, "pw-test-engine").unwrap());
+    let vms: Vec<(Arc<GuestMemory>, Vec<u8>, Handler)> = (0..3)
+        .map(|i| {
+            let memory = Arc::new(GuestMemory::anonymous(64 * 4096, 0).unwrap());
+            let bytes = image(64 * 4096, 10 + i);
+            let handler = missing_mode_handler(&memory, &bytes, i == 0);
+            handler.start_on(Some(engine.clone())).unwrap();
+            (memory, bytes, handler)
+        })
+        .collect();
+    assert_eq!(engine.handlers(), 3);
+    std::thread::scope(|s| {
+        for (memory, bytes, _) in &vms {
+            s.spawn(move || {
+                let report = touch(memory, None, 1, TouchOrder::Random(5), TouchVia::Load).unwrap();
+                for (gpa, outcome) in &report.outcomes {
+                    let page = &bytes[*gpa as usize..*gpa as usize + 4096];
+                    assert_eq!(*outcome, PageOutcome::Data(checksum(page)), "page {gpa:#x}");
+                }
+            });
+        }
+    });
+    for (_, _, handler) in &vms {
+        assert!(handler.wait(Some(Duration::from_secs(30))).unwrap());
+        handler.close();
+    }
+    assert_eq!(engine.handlers(), 0);
+    engine.close(true);
+}
