@@ -267,7 +267,7 @@ class RemoteSource:
         connect: Callable[[], socket.socket] | None = None,
         give_up_after: float = 30.0,
         insecure_no_token: bool = False,
-        window: int = 33554432,
+        window: int = 16777216,
         urgent_channel: bool = True,
     ) -> Self: ...
     @property

@@ -74,7 +74,7 @@ impl RemoteSource {
 impl RemoteSource {
     /// Connects to `address` ("host:port").
     #[new]
-    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 33554432, urgent_channel = true))]
+    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 16777216, urgent_channel = true))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
     fn new(
         py: Python<'_>,

@@ -64,7 +64,7 @@ pub struct RemoteConfig {
 }
 
 impl RemoteConfig {
-    /// Defaults: give up after 30 s, 32 MiB of background requests in flight, 5 s per attempt.
+    /// Defaults: give up after 30 s, 16 MiB of background requests in flight, 5 s per attempt.
     pub fn new(address: impl Into<String>, token: Option<Vec<u8>>) -> Self {
         Self {
             connector: None,
@@ -72,7 +72,7 @@ impl RemoteConfig {
             token,
             insecure_no_token: false,
             give_up_after: Duration::from_secs(30),
-            window: 32 << 20,
+            window: 16 << 20,
             connect_timeout: Duration::from_secs(5),
             urgent_channel: true,
         }
@@ -185,7 +185,7 @@ struct Inner {
 
 const POOL_MAX: usize = 16;
 /// Background bytes applied per `drain` before the loop looks at its faults again.
-const BULK_BUDGET: u64 = 1 << 20;
+const BULK_BUDGET: u64 = 256 << 10;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
