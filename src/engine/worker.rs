@@ -214,8 +214,8 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
                     .unwrap_or(slots.len());
                 if let Err(e) = event_loop.register(epoll, index as u64) {
                     event_loop.shared().set_failure(e);
-                    event_loop.finish();
                     worker.load.fetch_sub(1, Ordering::AcqRel);
+                    event_loop.finish();
                     continue;
                 }
                 let has_deadlines = event_loop.shared().source.has_deadlines();
@@ -301,9 +301,11 @@ fn run_worker(worker: &Worker, epoll: &Epoll) {
                 Step::Idle => slot.more = false,
                 Step::Finished => {
                     slot.event_loop.deregister(epoll);
+                    // Counted out before `finish` wakes the handler's close(), so that whoever
+                    // it wakes sees the engine without it.
+                    worker.load.fetch_sub(1, Ordering::AcqRel);
                     slot.event_loop.finish();
                     *entry = None;
-                    worker.load.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
