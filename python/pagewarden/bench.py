@@ -713,21 +713,26 @@ def run_c_json(binary: Path, *args: object) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(done.stdout))
 
 
+def timed_prefetch(memory: pw.GuestMemory, source: Any, timeout: float) -> float:
+    """Seconds a Handler with prefetch (no faults) takes from start() until every page of
+    ``memory`` is in from ``source``."""
+    handler = pw.Handler(memory, source, prefetch=True)
+    try:
+        t0 = time.perf_counter()
+        handler.start()
+        if not handler.wait(timeout=timeout):
+            raise BenchError(2, f"prefetch did not finish in {timeout:.0f} s")
+        return time.perf_counter() - t0
+    finally:
+        handler.close()
+
+
 def prefetch_gib_s(source: mmap.mmap) -> float:
     """pagewarden's background prefetch of a whole anonymous region from a MemorySource, no
     faults: GiB/s from start() to wait() returning."""
     size = len(source)
     rewrite_pattern(source)
-    mem = pw.GuestMemory.anonymous(size)
-    handler = pw.Handler(mem, pw.MemorySource(source), prefetch=True)
-    try:
-        t0 = time.perf_counter()
-        handler.start()
-        if not handler.wait(timeout=120):
-            raise BenchError(2, "prefetch did not finish in 120 s")
-        elapsed = time.perf_counter() - t0
-    finally:
-        handler.close()
+    elapsed = timed_prefetch(pw.GuestMemory.anonymous(size), pw.MemorySource(source), 120)
     return size / elapsed / GIB
 
 
@@ -1106,16 +1111,7 @@ def remote_push_mib_s(address: str, token: bytes, size: int) -> tuple[float, dic
     """A Handler with a RemoteSource and prefetch bringing a whole ``size``-byte guest in, no
     faults: MiB/s from start() to wait() returning, and the source's counters."""
     with pw.RemoteSource(address, token) as source:
-        memory = pw.GuestMemory.anonymous(size)
-        handler = pw.Handler(memory, source, prefetch=True)
-        try:
-            t0 = time.perf_counter()
-            handler.start()
-            if not handler.wait(timeout=300):
-                raise BenchError(2, "remote prefetch did not finish in 300 s")
-            elapsed = time.perf_counter() - t0
-        finally:
-            handler.close()
+        elapsed = timed_prefetch(pw.GuestMemory.anonymous(size), source, 300)
         stats = dict(source.stats())
     return size / elapsed / MIB, stats
 

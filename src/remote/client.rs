@@ -273,24 +273,7 @@ impl RemoteSource {
             Some((&config.address, &addrs)),
         )?;
         let (geometry, poison, streams) = connect(&config, &key)?;
-        let inner = Arc::new(Inner {
-            config,
-            key,
-            geometry,
-            ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|e| Error::os("eventfd", e))?,
-            answers: Mutex::new(VecDeque::with_capacity(1024)),
-            urgent_answers: Mutex::new(VecDeque::with_capacity(1024)),
-            pool: Mutex::new(Vec::new()),
-            channels: Mutex::new(Channels::default()),
-            link: Mutex::new(Link::default()),
-            link_cond: Condvar::new(),
-            stop: AtomicBool::new(false),
-            stats: RemoteStats::default(),
-            answered: AtomicBool::new(false),
-            last_answer: AtomicU64::new(0),
-            born: Instant::now(),
-        });
+        let inner = Arc::new(Inner::new(config, key, geometry)?);
         {
             let mut channels = lock(&inner.channels);
             channels.ch[0].requests.reserve(4096);
@@ -365,6 +348,28 @@ impl Drop for RemoteSource {
 }
 
 impl Inner {
+    /// The state of a source with nothing connected, asked or received yet.
+    fn new(config: RemoteConfig, key: Vec<u8>, geometry: Geometry) -> Result<Self> {
+        Ok(Self {
+            config,
+            key,
+            geometry,
+            ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| Error::os("eventfd", e))?,
+            answers: Mutex::new(VecDeque::with_capacity(1024)),
+            urgent_answers: Mutex::new(VecDeque::with_capacity(1024)),
+            pool: Mutex::new(Vec::new()),
+            channels: Mutex::new(Channels::default()),
+            link: Mutex::new(Link::default()),
+            link_cond: Condvar::new(),
+            stop: AtomicBool::new(false),
+            stats: RemoteStats::default(),
+            answered: AtomicBool::new(false),
+            last_answer: AtomicU64::new(0),
+            born: Instant::now(),
+        })
+    }
+
     fn source_name(&self) -> String {
         format!("page server {}", self.config.address)
     }
@@ -952,24 +957,8 @@ impl RemoteSource {
         requests: &[(u64, u64)],
         input: &[u8],
     ) -> (Result<()>, Vec<(u64, u64)>) {
-        let inner = Inner {
-            config: RemoteConfig::new("fuzz:0", None),
-            key: Vec::new(),
-            geometry,
-            ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK)
-                .unwrap_or_else(|e| panic!("eventfd: {e}")),
-            answers: Mutex::new(VecDeque::new()),
-            urgent_answers: Mutex::new(VecDeque::new()),
-            pool: Mutex::new(Vec::new()),
-            channels: Mutex::new(Channels::default()),
-            link: Mutex::new(Link::default()),
-            link_cond: Condvar::new(),
-            stop: AtomicBool::new(false),
-            stats: RemoteStats::default(),
-            answered: AtomicBool::new(false),
-            last_answer: AtomicU64::new(0),
-            born: Instant::now(),
-        };
+        let inner = Inner::new(RemoteConfig::new("fuzz:0", None), Vec::new(), geometry)
+            .unwrap_or_else(|e| panic!("{e}"));
         {
             let mut channels = lock(&inner.channels);
             for &(guest_address, len) in requests {
