@@ -8,6 +8,7 @@ these tests also pin the wire format down independently of the Rust client.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
@@ -394,6 +395,45 @@ def test_cli_serve_prints_its_address_first_and_exits_0_on_sigterm(tmp_path: Pat
     status = [line for line in err.splitlines() if line.startswith("serving: ")]
     assert status and "1 requests (1 urgent)" in status[-1], err
     assert len(status) <= 3, status
+
+
+def _threads_taking(pid: int, sig: int) -> list[int]:
+    """The threads of ``pid``, other than the main one, that do not block ``sig``."""
+    found = []
+    for task in sorted(os.listdir(f"/proc/{pid}/task")):
+        if int(task) == pid:
+            continue
+        try:
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except FileNotFoundError:
+            continue
+        blocked = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M).group(1), 16)  # type: ignore[union-attr]
+        if not blocked & (1 << (sig - 1)):
+            found.append(int(task))
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serve_stops_cleanly_whichever_thread_takes_the_signal(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """The kernel hands a process-wide signal to any thread that does not block it; the server
+    must stop cleanly (exit 0 with its summary) even when that is not the main thread."""
+    (tmp_path / "guest.img").write_bytes(image(4))
+    proc = _cli(str(tmp_path / "guest.img"), "--listen", "127.0.0.1:0", "--insecure-no-token")
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("listening on ")
+        others = _threads_taking(proc.pid, sig)
+        assert others, "no thread but the main one can take the signal: nothing to test"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.tgkill(proc.pid, others[0], int(sig)) == 0, os.strerror(ctypes.get_errno())
+        out, err = proc.communicate(timeout=SETTLE_LIMIT)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1].startswith("served 0 requests"), out
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import select
+import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Self
 
 import pagewarden as pw
 
@@ -202,9 +207,63 @@ def _serve_source(args: argparse.Namespace) -> str | pw.ProcessMemory:
     return str(args.image)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import signal
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+
+@contextlib.contextmanager
+def _signals_blocked(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """Blocks ``signals`` in the calling thread for the block, so threads started inside it
+    inherit the mask."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _StopSignals:
+    """Turns SIGINT and SIGTERM into a wake-up for the main thread, whichever thread the kernel
+    hands them to.
+
+    A process-directed signal goes to any thread that does not block it, and the process has
+    Python threads (the log bridge) started before any mask could be set; a signal left at its
+    default action there ends the process at once. So both get a handler that does nothing in
+    Python, and the interpreter's C handler writes the signal's number to a socket this class
+    waits on. Only for the main thread (Python's rule for signal handlers)."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._old_handlers: dict[int, Any] = {}
+        self._old_fd = -1
+
+    def __enter__(self) -> Self:
+        for sock in (self._reader, self._writer):
+            sock.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        for sig in _STOP_SIGNALS:
+            self._old_handlers[sig] = signal.signal(sig, lambda _signum, _frame: None)
+        return self
+
+    def wait(self, timeout: float | None) -> bool:
+        """True once SIGINT or SIGTERM has arrived; False after ``timeout`` seconds without."""
+        ready, _, _ = select.select([self._reader], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            got = self._reader.recv(64)
+        except BlockingIOError:
+            return False
+        return any(b in _STOP_SIGNALS for b in got)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._old_fd)
+        self._reader.close()
+        self._writer.close()
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
     from pagewarden import poison_tools
 
     try:
@@ -217,11 +276,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             )
         token = _read_token(args.token_file) if args.token_file is not None else None
         poison = poison_tools.load_any(args.poison)[0] if args.poison else None
-        # Block SIGINT/SIGTERM before the native threads start, so they inherit the mask and the
-        # signals are left for sigwait below.
-        stop = {signal.SIGINT, signal.SIGTERM}
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        try:
+        # The native threads inherit a mask with SIGINT/SIGTERM blocked, so their system calls
+        # are never interrupted; the signals go to a Python thread and wake the loop below.
+        with _signals_blocked(_STOP_SIGNALS):
             server = pw.serve(
                 source,
                 poison=poison,
@@ -229,9 +286,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 token=token,
                 insecure_no_token=args.insecure_no_token,
             )
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-            raise
     except (_UsageProblem, pw.ConfigurationError, pw.PoisonFileError, pw.SourceError) as e:
         message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         print(f"pagewarden serve: error: {message}", file=sys.stderr)
@@ -244,27 +298,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"listening on {shown}:{port}", flush=True)
         interval = args.progress_interval
         last: tuple[int, ...] = ()
-        while True:
-            if interval <= 0:
-                signal.sigwait(stop)
-                break
-            if signal.sigtimedwait(stop, interval) is not None:
-                break
-            st = server.stats()
-            now = (st["connections_active"], st["requests"], st["bytes_sent"])
-            if now != last:
-                last = now
-                print(
-                    f"serving: {st['connections_active']} connections, {st['requests']} "
-                    f"requests ({st['urgent_requests']} urgent), "
-                    f"{st['bytes_sent'] / (1 << 20):.1f} MiB sent, "
-                    f"{st['pages_poison']} poison pages, {st['auth_failures']} auth failures",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        with _StopSignals() as stopped:
+            while not stopped.wait(interval if interval > 0 else None):
+                st = server.stats()
+                now = (st["connections_active"], st["requests"], st["bytes_sent"])
+                if now != last:
+                    last = now
+                    print(
+                        f"serving: {st['connections_active']} connections, {st['requests']} "
+                        f"requests ({st['urgent_requests']} urgent), "
+                        f"{st['bytes_sent'] / (1 << 20):.1f} MiB sent, "
+                        f"{st['pages_poison']} poison pages, {st['auth_failures']} auth failures",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         server.close()
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     st = server.stats()
     print(
         f"served {st['requests']} requests ({st['urgent_requests']} urgent) on "
