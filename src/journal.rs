@@ -273,10 +273,12 @@ impl Journal {
             cond: Condvar::new(),
         });
         let writer = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("pagewarden-journal".into())
-            .spawn(move || writer_loop(&writer, file))
-            .map_err(|e| bad(format!("cannot start the journal writer: {e}")))?;
+        let thread = crate::sys::spawning_quietly(|| {
+            std::thread::Builder::new()
+                .name("pagewarden-journal".into())
+                .spawn(move || writer_loop(&writer, file))
+        })
+        .map_err(|e| bad(format!("cannot start the journal writer: {e}")))?;
         Ok((
             Self {
                 shared,

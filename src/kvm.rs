@@ -927,19 +927,21 @@ impl Machine {
                 stop.clone(),
                 signals.clone(),
             );
-            std::thread::Builder::new()
-                .name("pagewarden-vcpu0".into())
-                .spawn(move || {
-                    let _registered = signals.register_vcpu_thread();
-                    let outcome = VcpuLoop::new(&vcpu, &memory, &plan, &stop).run();
-                    let _ = tx.send(outcome);
-                })
-                .map_err(|e| {
-                    Error::os(
-                        "spawning the vCPU thread",
-                        Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                    )
-                })?
+            crate::sys::spawning_quietly(|| {
+                std::thread::Builder::new()
+                    .name("pagewarden-vcpu0".into())
+                    .spawn(move || {
+                        let _registered = signals.register_vcpu_thread();
+                        let outcome = VcpuLoop::new(&vcpu, &memory, &plan, &stop).run();
+                        let _ = tx.send(outcome);
+                    })
+            })
+            .map_err(|e| {
+                Error::os(
+                    "spawning the vCPU thread",
+                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                )
+            })?
         };
 
         let mut outcome = match rx.recv_timeout(config_timeout) {

@@ -131,10 +131,12 @@ pub fn touch(
             .iter()
             .enumerate()
             .map(|(t, part)| {
-                std::thread::Builder::new()
-                    .name(format!("pagewarden-touch-{t}"))
-                    .spawn_scoped(scope, move || touch_part(memory, part, via))
-                    .expect("spawn a workload thread")
+                crate::sys::spawning_quietly(|| {
+                    std::thread::Builder::new()
+                        .name(format!("pagewarden-touch-{t}"))
+                        .spawn_scoped(scope, move || touch_part(memory, part, via))
+                })
+                .expect("spawn a workload thread")
             })
             .collect();
         handles

@@ -8,7 +8,9 @@ objects, no framing, no newline, with the uffd in SCM_RIGHTS. Then, like a guest
 every page (with pagewarden's SIGBUS-tolerant probe, used only to observe), optionally inflates a
 balloon (MADV_DONTNEED) and touches those pages again, and writes what it saw to a JSON file.
 
-The ``--handshake`` option sends deliberately malformed handshakes instead.
+The ``--handshake`` option sends deliberately malformed handshakes instead; ``--wait-for PATH``
+holds the guest back after the handshake (and after touching ``--touch-first`` pages), with
+"waiting" on stdout, until PATH exists.
 """
 
 from __future__ import annotations
@@ -90,6 +92,17 @@ def main() -> int:
         choices=["good", "bad-json", "no-fd", "two-fds", "overlap", "past-file", "page-size"],
     )
     p.add_argument("--memfile-size", type=int, default=0)
+    p.add_argument(
+        "--touch-first",
+        type=int,
+        default=0,
+        help="with --wait-for: touch this many pages of the first region before waiting",
+    )
+    p.add_argument(
+        "--wait-for",
+        default="",
+        help="after the handshake, wait until this path exists before touching memory",
+    )
     args = p.parse_args()
     ps = args.page_size
     sizes = [int(n) * ps for n in args.sizes.split(",")]
@@ -139,6 +152,18 @@ def main() -> int:
         with contextlib.suppress(OSError):
             sock.recv(1)
         return 0
+
+    if args.touch_first:
+        first = pw.GuestMemory.from_address(bases[0], sizes[0], page_size=ps, guest_address=0)
+        first.touch(pages=[i * ps for i in range(args.touch_first)])
+    if args.wait_for:
+        print("waiting", flush=True)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(args.wait_for):
+            if time.monotonic() > deadline:
+                print(f"{args.wait_for} did not appear within 60 s", file=sys.stderr)
+                return 3
+            time.sleep(0.01)
 
     report: dict[str, object] = {"regions": [], "balloon": {}}
     memories = [

@@ -210,6 +210,81 @@ def test_cli_serves_the_double(uffd: None, tmp_path: Path) -> None:
     assert sigbus == [5 * PAGE]
 
 
+def test_sigterm_fences_what_is_missing_and_lets_go_of_the_guest(
+    uffd: None, tmp_path: Path
+) -> None:
+    """SIGTERM to the handler (a service manager stopping it) must not leave the microVM
+    hanging on its next missing page with nobody to answer: the handler fences what is still
+    missing (SIGBUS, never zeros), lets go of the guest (pages already in keep their bytes, a
+    balloon page reads zero instead of hanging) and exits with 128 + SIGTERM."""
+    image = make_image(16 * PAGE, seed=7)
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(image)
+    sock = tmp_path / "uffd.sock"
+    go = tmp_path / "go"
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pagewarden",
+            "firecracker",
+            str(sock),
+            str(memfile),
+            "--no-prefetch",
+            "--accept-timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out = tmp_path / "report.json"
+    double = subprocess.Popen(
+        [
+            sys.executable,
+            str(DOUBLE),
+            str(sock),
+            str(out),
+            "--sizes",
+            "16",
+            "--touch-first",
+            "4",
+            "--balloon",
+            str(PAGE),
+            "--wait-for",
+            str(go),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cli.stdout is not None and double.stdout is not None
+        assert cli.stdout.readline().strip() == f"listening on {sock}"
+        # The guest has its first four pages and waits.
+        assert double.stdout.readline().strip() == "waiting"
+        cli.send_signal(signal.SIGTERM)
+        _, err = cli.communicate(timeout=30)
+        assert cli.returncode == 128 + signal.SIGTERM, err
+        assert "terminated (SIGTERM)" in err
+        assert not sock.exists()
+        # The guest runs on without its handler: every page it still lacked raises SIGBUS.
+        go.touch()
+        _, double_err = double.communicate(timeout=60)
+    finally:
+        for p in (cli, double):
+            p.kill()
+            p.wait()
+    assert double.returncode == 0, double_err
+    report = json.loads(out.read_text())
+    (region,) = report["regions"]
+    assert sorted(g for g, _, _ in region["sigbus"]) == [i * PAGE for i in range(4, 16)]
+    for i in range(4):
+        want = pw.page_checksum(image[i * PAGE : (i + 1) * PAGE])
+        assert region["checksums"][str(i * PAGE)] == want, f"page {i} lost its bytes"
+    assert report["balloon"][str(PAGE)]["checksum"] == pw.page_checksum(bytes(PAGE))
+
+
 def test_socket_path_that_is_not_a_socket_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "file"
     path.write_text("precious")

@@ -11,6 +11,7 @@ import logging
 import threading
 
 from pagewarden import _native
+from pagewarden._quiet import start_quietly
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -32,4 +33,4 @@ def start() -> None:
     with _lock:
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_run, name="pagewarden-log", daemon=True)
-            _thread.start()
+            start_quietly(_thread)

@@ -8,6 +8,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
@@ -210,25 +211,40 @@ def _serve_source(args: argparse.Namespace) -> str | pw.ProcessMemory:
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds the command like KeyboardInterrupt does, so that every context
+    manager on the way closes (a handler fences what is still missing and lets go of the guest,
+    a page server child is stopped) instead of the process vanishing mid-way."""
+
+
 @contextlib.contextmanager
-def _signals_blocked(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
-    """Blocks ``signals`` in the calling thread for the block, so threads started inside it
-    inherit the mask."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turns SIGTERM into :class:`_Terminated` in the main thread for the block (the default
+    action would end the process at once: a Firecracker guest would hang on its next missing
+    page, with nobody left to answer it). Elsewhere (``main()`` called on another thread) it
+    changes nothing, as Python only lets the main thread set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(_signum: int, _frame: object) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, terminated)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGTERM, old)
 
 
 class _StopSignals:
-    """Turns SIGINT and SIGTERM into a wake-up for the main thread, whichever thread the kernel
-    hands them to.
+    """Turns SIGINT and SIGTERM into a wake-up of the main thread's wait, whichever thread the
+    kernel hands them to.
 
-    A process-directed signal goes to any thread that does not block it, and the process has
-    Python threads (the log bridge) started before any mask could be set; a signal left at its
-    default action there ends the process at once. So both get a handler that does nothing in
-    Python, and the interpreter's C handler writes the signal's number to a socket this class
+    pagewarden's own threads block these signals (``pagewarden._quiet``), but a thread of
+    another library may not, and a signal left at its default action there would end the
+    process at once. So both get a handler that does nothing in Python, and the interpreter's C
+    handler, on whatever thread it runs, writes the signal's number to a socket this class
     waits on. Only for the main thread (Python's rule for signal handlers)."""
 
     def __init__(self) -> None:
@@ -276,16 +292,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             )
         token = _read_token(args.token_file) if args.token_file is not None else None
         poison = poison_tools.load_any(args.poison)[0] if args.poison else None
-        # The native threads inherit a mask with SIGINT/SIGTERM blocked, so their system calls
-        # are never interrupted; the signals go to a Python thread and wake the loop below.
-        with _signals_blocked(_STOP_SIGNALS):
-            server = pw.serve(
-                source,
-                poison=poison,
-                listen=args.listen,
-                token=token,
-                insecure_no_token=args.insecure_no_token,
-            )
+        server = pw.serve(
+            source,
+            poison=poison,
+            listen=args.listen,
+            token=token,
+            insecure_no_token=args.insecure_no_token,
+        )
     except (_UsageProblem, pw.ConfigurationError, pw.PoisonFileError, pw.SourceError) as e:
         message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         print(f"pagewarden serve: error: {message}", file=sys.stderr)
@@ -593,13 +606,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args))
+        with _sigterm_unwinds():
+            return int(args.func(args))
     except pw.PagewardenError as e:
         print(f"pagewarden: error: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("pagewarden: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("pagewarden: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pagewarden._quiet import start_quietly
+
 if TYPE_CHECKING:
     from pagewarden._native import GuestMemory, Handler
 
@@ -245,5 +247,5 @@ def _start_dispatcher(
 ) -> _Dispatcher:
     """Starts the dispatcher thread of ``handler`` (called by Handler.start)."""
     d = _Dispatcher(handler, policy, hub, progress_interval)
-    d.start()
+    start_quietly(d)
     return d

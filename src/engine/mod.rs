@@ -114,8 +114,6 @@ pub(crate) struct Shared {
     pub(crate) zero_page: Vec<u8>,
     /// The poison the handler was given, kept as given (page size and all).
     initial_poison: PoisonSet,
-    /// The uffd was handed over by its owner (who registered the memory); never unregistered.
-    handed_over: bool,
     /// Guest addresses in the order their pages were first faulted in, when recording; one
     /// slot per page, allocated before start (no allocation on the fault path).
     pub(crate) access_log: OnceLock<Box<[AtomicU64]>>,
@@ -136,13 +134,16 @@ impl Shared {
     /// keep raising SIGBUS, nothing is missing any more, and a later MADV_DONTNEED no longer
     /// queues an event that nobody would read (its caller would wait forever). Then reads what
     /// is still queued, which releases any thread waiting for its event to be read.
+    ///
+    /// A uffd handed over by its owner (Firecracker) is unregistered too, through the owner's
+    /// address space: once the handler is gone its guest would otherwise hang on the next page
+    /// the balloon gives back, or in the balloon's own MADV_DONTNEED. If the owner has exited
+    /// already the kernel refuses, which is fine.
     pub(crate) fn unregister_all(&self) {
-        if !self.handed_over {
-            for region in &self.regions {
-                let _ = self
-                    .uffd
-                    .unregister(region.start, region.end - region.start);
-            }
+        for region in &self.regions {
+            let _ = self
+                .uffd
+                .unregister(region.start, region.end - region.start);
         }
         let mut messages = [sys::UffdMsg::default(); 64];
         while matches!(self.uffd.read_messages(&mut messages), Ok(n) if n > 0) {}
@@ -611,7 +612,6 @@ impl Handler {
             .map_err(|e| Error::os("eventfd", e))?,
             zero_page: vec![0u8; max_page as usize],
             initial_poison: poison.clone(),
-            handed_over,
             access_log: OnceLock::new(),
             access_len: AtomicUsize::new(0),
             prefetch_plan: Mutex::new(Vec::new()),

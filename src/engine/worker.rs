@@ -92,15 +92,17 @@ impl Engine {
             } else {
                 format!("{name}-{i}")
             };
-            let handle = std::thread::Builder::new()
-                .name(thread_name)
-                .spawn(move || run_worker(&w, &epoll))
-                .map_err(|e| {
-                    Error::os(
-                        "spawning an engine thread",
-                        Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-                    )
-                })?;
+            let handle = crate::sys::spawning_quietly(|| {
+                std::thread::Builder::new()
+                    .name(thread_name)
+                    .spawn(move || run_worker(&w, &epoll))
+            })
+            .map_err(|e| {
+                Error::os(
+                    "spawning an engine thread",
+                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                )
+            })?;
             workers.push(worker);
             handles.push(handle);
         }

@@ -287,10 +287,12 @@ impl RemoteSource {
         let receivers = inner.install(streams, &[])?;
         let supervisor = {
             let inner = inner.clone();
-            std::thread::Builder::new()
-                .name("pagewarden-remote".into())
-                .spawn(move || inner.supervise(receivers))
-                .map_err(|e| Error::os("spawning the remote source's thread", errno_of(&e)))?
+            crate::sys::spawning_quietly(|| {
+                std::thread::Builder::new()
+                    .name("pagewarden-remote".into())
+                    .spawn(move || inner.supervise(receivers))
+            })
+            .map_err(|e| Error::os("spawning the remote source's thread", errno_of(&e)))?
         };
         Ok(Self {
             inner,
@@ -468,10 +470,12 @@ impl Inner {
                 "pagewarden-urgent"
             };
             threads.push(
-                std::thread::Builder::new()
-                    .name(name.into())
-                    .spawn(move || inner.receive(i, reader))
-                    .map_err(|e| Error::os("spawning a receiver thread", errno_of(&e)))?,
+                crate::sys::spawning_quietly(|| {
+                    std::thread::Builder::new()
+                        .name(name.into())
+                        .spawn(move || inner.receive(i, reader))
+                })
+                .map_err(|e| Error::os("spawning a receiver thread", errno_of(&e)))?,
             );
         }
         Ok(threads)

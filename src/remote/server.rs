@@ -668,10 +668,12 @@ impl Server {
                     .try_clone()
                     .map_err(|e| Error::os("dup of the listening socket", io_errno(&e)))?;
                 let s = shared.clone();
-                let thread = std::thread::Builder::new()
-                    .name("pagewarden-accept".into())
-                    .spawn(move || accept_loop(&s, &theirs))
-                    .map_err(|e| Error::os("spawning the accept thread", io_errno(&e)))?;
+                let thread = crate::sys::spawning_quietly(|| {
+                    std::thread::Builder::new()
+                        .name("pagewarden-accept".into())
+                        .spawn(move || accept_loop(&s, &theirs))
+                })
+                .map_err(|e| Error::os("spawning the accept thread", io_errno(&e)))?;
                 (Some(listener), Some(address), Some(thread))
             }
         };
@@ -813,18 +815,21 @@ fn spawn_connection(shared: &Arc<Shared>, stream: Stream) {
     bump(&shared.counters.connections_active, 1);
     conns.open.insert(id, handle);
     let s = shared.clone();
-    let spawned = std::thread::Builder::new()
-        .name(format!("pagewarden-serve-{id}"))
-        .spawn(move || {
-            let mut stream = stream;
-            let r = catch_unwind(AssertUnwindSafe(|| s.serve_connection(&mut stream)));
-            let r = r.unwrap_or_else(|_| Err(Error::Protocol("a serving thread panicked".into())));
-            s.count_outcome(&r);
-            lock(&s.connections).open.remove(&id);
-            s.counters
-                .connections_active
-                .fetch_sub(1, Ordering::Relaxed);
-        });
+    let spawned = crate::sys::spawning_quietly(|| {
+        std::thread::Builder::new()
+            .name(format!("pagewarden-serve-{id}"))
+            .spawn(move || {
+                let mut stream = stream;
+                let r = catch_unwind(AssertUnwindSafe(|| s.serve_connection(&mut stream)));
+                let r =
+                    r.unwrap_or_else(|_| Err(Error::Protocol("a serving thread panicked".into())));
+                s.count_outcome(&r);
+                lock(&s.connections).open.remove(&id);
+                s.counters
+                    .connections_active
+                    .fetch_sub(1, Ordering::Relaxed);
+            })
+    });
     match spawned {
         Ok(t) => conns.threads.push(t),
         Err(_) => {

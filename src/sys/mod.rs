@@ -22,3 +22,88 @@ pub fn make_this_thread_background() -> Result<(), nix::errno::Errno> {
         Err(nix::errno::Errno::last())
     }
 }
+
+/// The signals a process is stopped or steered with (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1,
+/// SIGUSR2, SIGALRM, SIGCHLD, SIGWINCH): pagewarden's own threads never take them.
+fn process_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGALRM,
+        Signal::SIGCHLD,
+        Signal::SIGWINCH,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Runs `spawn` (which starts threads) with the process signals blocked in the calling thread,
+/// so that every thread it starts inherits the mask from its first instruction.
+///
+/// The kernel hands a signal sent to the process to any one thread that does not block it. Had
+/// it picked one of ours, the embedding program's handler would not run where it expects: a
+/// Python handler only runs in the main thread, and a main thread asleep in `select()` would not
+/// even wake (so Ctrl-C or SIGTERM could be lost until something else woke it). Blocked in ours,
+/// such signals always go to the program's own threads. Synchronous signals (SIGBUS, SIGSEGV)
+/// and the vCPU's kick signal are not affected. A signal that arrives while the caller's mask is
+/// widened stays pending and is delivered when it is restored.
+pub fn spawning_quietly<R>(spawn: impl FnOnce() -> R) -> R {
+    use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+    let mut old = SigSet::empty();
+    let blocked = pthread_sigmask(
+        SigmaskHow::SIG_BLOCK,
+        Some(&process_signals()),
+        Some(&mut old),
+    )
+    .is_ok();
+    let result = spawn();
+    if blocked {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SigBlk mask of the calling thread, from /proc.
+    fn blocked_mask() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .unwrap_or_else(|| panic!("no SigBlk line in {status}"));
+        u64::from_str_radix(line.trim(), 16).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    #[test]
+    fn threads_spawned_quietly_block_the_process_signals_and_the_caller_is_restored() {
+        let before = blocked_mask();
+        let inside = spawning_quietly(|| std::thread::spawn(blocked_mask))
+            .join()
+            .unwrap_or_else(|_| panic!("the thread panicked"));
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGCHLD] {
+            assert_ne!(
+                inside & (1 << (sig - 1)),
+                0,
+                "signal {sig} not blocked: {inside:#x}"
+            );
+        }
+        for sig in [libc::SIGBUS, libc::SIGSEGV, libc::SIGRTMIN()] {
+            assert_eq!(
+                inside & (1 << (sig - 1)),
+                0,
+                "signal {sig} blocked: {inside:#x}"
+            );
+        }
+        assert_eq!(blocked_mask(), before);
+    }
+}
