@@ -308,10 +308,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         assert address is not None
         host, port = address
         shown = f"[{host}]" if ":" in host else host
-        print(f"listening on {shown}:{port}", flush=True)
         interval = args.progress_interval
         last: tuple[int, ...] = ()
+        # From the moment the address is out, a signal means "stop with a summary".
         with _StopSignals() as stopped:
+            print(f"listening on {shown}:{port}", flush=True)
             while not stopped.wait(interval if interval > 0 else None):
                 st = server.stats()
                 now = (st["connections_active"], st["requests"], st["bytes_sent"])
