@@ -51,8 +51,8 @@ CHILD = textwrap.dedent(
                 fields = dict(line.split(":", 1) for line in f if ":" in line)
             masks[f"{fields['Name'].strip()} ({task})"] = [
                 int(task) == os.getpid(), int(fields["SigBlk"].strip(), 16)]
-        print(json.dumps(masks), flush=True)
         try:
+            print(json.dumps(masks), flush=True)  # the parent sends SIGINT once it reads this
             select.select([], [], [], 60)
             print("not interrupted", flush=True)
         except KeyboardInterrupt:
