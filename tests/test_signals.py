@@ -23,7 +23,7 @@ from conftest import SETTLE_LIMIT
 # blocked-signal mask of every thread, then sleeps in select() until SIGINT.
 CHILD = textwrap.dedent(
     """
-    import json, os, select, sys, tempfile
+    import json, os, select, sys, tempfile, time
     import pagewarden as pw
 
     class Quiet(pw.Policy):
@@ -45,12 +45,20 @@ CHILD = textwrap.dedent(
         for h in handlers:
             h.start()
         assert handlers[0].wait(timeout=0) is False
-        masks = {}
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            masks[f"{fields['Name'].strip()} ({task})"] = [
-                int(task) == os.getpid(), int(fields["SigBlk"].strip(), 16)]
+        # A native thread names itself once it runs: on a busy machine, wait for all of them.
+        expected = sys.argv[1].split(",")
+        deadline = time.monotonic() + 30
+        while True:
+            masks = {}
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+                masks[f"{fields['Name'].strip()} ({task})"] = [
+                    int(task) == os.getpid(), int(fields["SigBlk"].strip(), 16)]
+            names = " ".join(masks)
+            if all(e in names for e in expected) or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         try:
             print(json.dumps(masks), flush=True)  # the parent sends SIGINT once it reads this
             select.select([], [], [], 60)
@@ -62,6 +70,19 @@ CHILD = textwrap.dedent(
         source.close()
         engine.close()
     """
+)
+
+# Names as /proc shows them (15 characters).
+THREADS = (
+    "pagewarden-uffd",
+    "pw-engine-0",
+    "pw-engine-1",
+    "pagewarden-jour",
+    "pagewarden-acce",
+    "pagewarden-serv",
+    "pagewarden-urge",
+    "pagewarden-bulk",
+    "pagewarden-remo",
 )
 
 PROCESS_SIGNALS = [
@@ -79,7 +100,10 @@ PROCESS_SIGNALS = [
 
 def test_no_pagewarden_thread_takes_process_signals_and_ctrl_c_reaches_main(uffd: None) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD, ",".join(THREADS)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proc.stdout is not None
@@ -87,16 +111,7 @@ def test_no_pagewarden_thread_takes_process_signals_and_ctrl_c_reaches_main(uffd
         assert first, proc.stderr.read() if proc.stderr else ""
         masks = json.loads(first)
         names = " ".join(masks)
-        for expected in (
-            "pagewarden-uffd",
-            "pw-engine",
-            "pagewarden-jour",
-            "pagewarden-acce",
-            "pagewarden-serv",
-            "pagewarden-urge",
-            "pagewarden-bulk",
-            "pagewarden-remo",
-        ):
+        for expected in THREADS:
             assert expected in names, f"no {expected} thread among {names}"
         assert sum(1 for _, (is_main, _) in masks.items() if not is_main) >= 10, names
         for thread, (is_main, mask) in masks.items():
