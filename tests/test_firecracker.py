@@ -437,6 +437,7 @@ def test_memfile_and_source_are_exclusive(tmp_path: Path) -> None:
         (["-", "--source", "127.0.0.1", "--token-file", "{tmp}/token"], 2, "address"),
         (["{tmp}/token", "--source", "{address}", "--token-file", "{tmp}/token"], 2, "as -"),
         (["-"], 2, "add --source"),
+        (["{tmp}/token", "--background", "normal"], 2, "--background is for --source"),
     ],
 )
 def test_cli_source_problems_exit_before_listening(

@@ -429,3 +429,52 @@ def test_poison_found_at_the_source_is_journaled(tmp_path: Path) -> None:
                 assert h.stats()["pages_poisoned_source"] == 1
             assert list(server.poison_set()) == [hidden]
     assert list(poison_tools.load_any(str(journal))[0]) == [hidden]
+
+
+def _threads_named(prefix: str, exclude: set[int]) -> dict[int, int]:
+    """{tid: scheduling policy} of this process's threads whose name starts with ``prefix``."""
+    found = {}
+    for task in os.listdir("/proc/self/task"):
+        tid = int(task)
+        if tid in exclude:
+            continue
+        try:
+            name = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+            if name.startswith(prefix):
+                found[tid] = os.sched_getscheduler(tid)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("background", ["idle", "normal"])
+def test_background_priority_on_both_hosts(background: str) -> None:
+    """``background="idle"`` (the default) moves background data under SCHED_IDLE on both
+    hosts; ``"normal"``, for hosts whose CPUs are always busy, at normal priority. Fault traffic
+    (the urgent connection) is at normal priority either way."""
+    image = make_image(4 * MiB, 61)
+    before = set(map(int, os.listdir("/proc/self/task")))
+    want = os.SCHED_IDLE if background == "idle" else os.SCHED_OTHER
+    with pw.serve(image, token=TOKEN, background=background) as server:  # type: ignore[arg-type]
+        assert server.address is not None
+        address = "%s:%d" % server.address  # noqa: UP031
+        mem = pw.GuestMemory.anonymous(len(image))
+        with (
+            pw.RemoteSource(address, TOKEN, background=background) as source,  # type: ignore[arg-type]
+            pw.Handler(mem, source) as h,
+        ):
+            h.start()
+            assert h.wait(timeout=60)
+            verify(mem, mem.touch(), image, [])
+            # The push is done: both bulk threads have long set their priority.
+            assert list(_threads_named("pagewarden-bulk", before).values()) == [want]
+            served = sorted(_threads_named("pagewarden-serv", before).values())
+            assert served == sorted([os.SCHED_OTHER, want]), served
+            assert set(_threads_named("pagewarden-urge", before).values()) == {os.SCHED_OTHER}
+
+
+def test_background_priority_is_checked() -> None:
+    with pytest.raises(pw.ConfigurationError, match=r'background must be "idle".*not "low"'):
+        pw.serve(bytes(4096), insecure_no_token=True, background="low")  # type: ignore[arg-type]
+    with pytest.raises(pw.ConfigurationError, match=r'background must be "idle".*not "low"'):
+        pw.RemoteSource("127.0.0.1:9", insecure_no_token=True, background="low")  # type: ignore[arg-type]

@@ -269,6 +269,7 @@ class RemoteSource:
         insecure_no_token: bool = False,
         window: int = 16777216,
         urgent_channel: bool = True,
+        background: Literal["idle", "normal"] = "idle",
     ) -> Self: ...
     @property
     def address(self) -> str:
@@ -437,5 +438,6 @@ def serve(
     insecure_no_token: bool = False,
     handshake_timeout: float = 10.0,
     write_timeout: float = 30.0,
+    background: Literal["idle", "normal"] = "idle",
 ) -> Server:
     """Starts a page server for ``source`` on native threads."""

@@ -95,6 +95,10 @@ def _firecracker_token(args: argparse.Namespace) -> bytes | None:
             raise _UsageProblem("MEMFILE - means pages come from a page server: add --source")
         if args.token_file is not None or args.insecure_no_token:
             raise _UsageProblem("--token-file and --insecure-no-token are for --source")
+        if args.background is not None:
+            raise _UsageProblem(
+                "--background is for --source (a memory file is read on the fault path)"
+            )
         if not os.path.isfile(args.memfile):
             raise _UsageProblem(
                 f"memory file {args.memfile} does not exist or is not a regular file"
@@ -149,6 +153,7 @@ def _cmd_firecracker(args: argparse.Namespace) -> int:
                         token,
                         give_up_after=args.give_up_after,
                         insecure_no_token=args.insecure_no_token,
+                        background=args.background or "idle",
                     )
                 )
             except pw.ConfigurationError as e:
@@ -298,6 +303,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             listen=args.listen,
             token=token,
             insecure_no_token=args.insecure_no_token,
+            background=args.background,
         )
     except (_UsageProblem, pw.ConfigurationError, pw.PoisonFileError, pw.SourceError) as e:
         message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -545,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --source: fail (and kill Firecracker) when the page server stays unreachable "
         "this long (default: 30)",
     )
+    p.add_argument(
+        "--background",
+        choices=("idle", "normal"),
+        help="with --source: receive background data at idle priority (default; faults never "
+        "wait for a CPU behind it) or normal priority (for hosts whose CPUs are always busy, "
+        "where an idle-priority push barely advances)",
+    )
     p.set_defaults(func=_cmd_firecracker)
     p = sub.add_parser(
         "serve",
@@ -582,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure-no-token",
         action="store_true",
         help="serve without a token (loopback addresses only; for testing)",
+    )
+    p.add_argument(
+        "--background",
+        choices=("idle", "normal"),
+        default="idle",
+        help="serve background streams at idle priority (default; fault requests never wait "
+        "for a CPU behind them) or normal priority (for hosts whose CPUs are always busy)",
     )
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser(

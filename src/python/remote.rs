@@ -57,7 +57,10 @@ fn connected_stream(
 ///
 /// `window` bounds the bytes of background requests in flight. `urgent_channel=False` sends fault
 /// requests behind the background stream on one connection; it exists to measure what the
-/// urgent channel is worth, not for production.
+/// urgent channel is worth, not for production. `background="idle"` (the default) receives
+/// background data under `SCHED_IDLE`, so a thread waiting for a page never waits for a CPU
+/// behind it; `"normal"` receives it at normal priority, for a host whose CPUs are always busy
+/// (there an idle-priority push would barely advance).
 #[pyclass(frozen, module = "pagewarden._native")]
 pub struct RemoteSource {
     core: Arc<CoreRemote>,
@@ -74,7 +77,7 @@ impl RemoteSource {
 impl RemoteSource {
     /// Connects to `address` ("host:port").
     #[new]
-    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 16777216, urgent_channel = true))]
+    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 16777216, urgent_channel = true, background = "idle"))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
     fn new(
         py: Python<'_>,
@@ -85,6 +88,7 @@ impl RemoteSource {
         insecure_no_token: bool,
         window: u64,
         urgent_channel: bool,
+        background: &str,
     ) -> PyResult<Self> {
         if !(give_up_after.is_finite() && give_up_after >= 0.0) {
             return Err(Error::Config(format!(
@@ -120,6 +124,7 @@ impl RemoteSource {
         config.give_up_after = Duration::from_secs_f64(give_up_after);
         config.window = window;
         config.urgent_channel = urgent_channel;
+        config.background_idle = super::serve::background_is_idle(background)?;
         let core = py.detach(move || CoreRemote::connect(config)).py_err()?;
         Ok(Self {
             core: Arc::new(core),

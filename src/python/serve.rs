@@ -219,6 +219,21 @@ pub(crate) fn token_of(token: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<
     )))
 }
 
+/// `background="idle"` (the default) or `"normal"`: whether the threads that move background
+/// data run under `SCHED_IDLE`; true for idle.
+pub(crate) fn background_is_idle(background: &str) -> PyResult<bool> {
+    match background {
+        "idle" => Ok(true),
+        "normal" => Ok(false),
+        other => Err(Error::Config(format!(
+            "background must be \"idle\" (background data only on otherwise idle CPU, the \
+             default) or \"normal\" (normal priority, for hosts whose CPUs are always busy), \
+             not {other:?}"
+        )))
+        .py_err(),
+    }
+}
+
 /// Starts a page server for `source` on native threads and returns its `Server`.
 ///
 /// `source` is an image file path (the byte at offset X is guest address X), a `GuestMemory`,
@@ -228,8 +243,12 @@ pub(crate) fn token_of(token: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<
 /// `Server.address`). `token` (bytes or str, at least 16 bytes) is the shared secret both hosts
 /// prove with HMAC-SHA256; it is mandatory unless `insecure_no_token=True` on a loopback
 /// address. `handshake_timeout` and `write_timeout` (seconds) drop peers that stall.
+/// `background="idle"` (the default) serves each destination's background stream under
+/// `SCHED_IDLE`, so fault requests never wait for a CPU behind it; `"normal"` serves it at
+/// normal priority, for a host whose CPUs are always busy (there an idle-priority stream would
+/// barely advance).
 #[pyfunction]
-#[pyo3(signature = (source, poison = None, listen = "127.0.0.1:0", token = None, insecure_no_token = false, handshake_timeout = 10.0, write_timeout = 30.0))]
+#[pyo3(signature = (source, poison = None, listen = "127.0.0.1:0", token = None, insecure_no_token = false, handshake_timeout = 10.0, write_timeout = 30.0, background = "idle"))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     py: Python<'_>,
@@ -240,6 +259,7 @@ pub fn serve(
     insecure_no_token: bool,
     handshake_timeout: f64,
     write_timeout: f64,
+    background: &str,
 ) -> PyResult<Server> {
     let timeout = |name: &str, secs: f64| {
         if secs.is_finite() && secs > 0.0 {
@@ -256,6 +276,7 @@ pub fn serve(
         insecure_no_token,
         handshake_timeout: timeout("handshake_timeout", handshake_timeout)?,
         write_timeout: timeout("write_timeout", write_timeout)?,
+        background_idle: background_is_idle(background)?,
     };
     let source = source_of(py, source)?;
     let description = source.name();

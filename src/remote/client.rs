@@ -61,6 +61,10 @@ pub struct RemoteConfig {
     /// Send fault requests on their own connection (the default). Off, they queue behind the
     /// background stream: only for measuring what the urgent channel is worth.
     pub urgent_channel: bool,
+    /// Receive background data under `SCHED_IDLE` (the default): faults never wait for a CPU
+    /// behind it, but on a host whose CPUs are all busy the push advances only in idle time.
+    /// Off, the bulk receiver runs at normal priority.
+    pub background_idle: bool,
 }
 
 impl RemoteConfig {
@@ -75,6 +79,7 @@ impl RemoteConfig {
             window: 16 << 20,
             connect_timeout: Duration::from_secs(5),
             urgent_channel: true,
+            background_idle: true,
         }
     }
 }
@@ -658,7 +663,7 @@ impl Inner {
 
     /// One connection's receiver: reads answers until the connection ends.
     fn receive(self: Arc<Self>, channel: usize, mut stream: TcpStream) {
-        if channel == Role::Bulk as usize {
+        if channel == Role::Bulk as usize && self.config.background_idle {
             // Background data waits for the CPU while any thread waits for a page.
             let _ = crate::sys::make_this_thread_background();
         }

@@ -482,6 +482,9 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a write may block before a client that stopped reading is dropped.
     pub write_timeout: Duration,
+    /// Serve bulk (background) connections under `SCHED_IDLE` (the default), so that urgent
+    /// requests never wait for a CPU behind them; off, at normal priority.
+    pub background_idle: bool,
 }
 
 impl Default for ServerConfig {
@@ -491,6 +494,7 @@ impl Default for ServerConfig {
             insecure_no_token: false,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
+            background_idle: true,
         }
     }
 }
@@ -905,7 +909,7 @@ impl Shared {
         let role = server_handshake(s, &self.token, self.geometry, &poison)?;
         drop(poison);
         after_handshake(s)?;
-        if role == Role::Bulk {
+        if role == Role::Bulk && self.config.background_idle {
             // The background stream yields the CPU to the urgent connections' threads, so a
             // fault's request is never served behind megabytes of background data.
             let _ = crate::sys::make_this_thread_background();
