@@ -42,11 +42,12 @@ impl Mapping {
                 MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
             )
         }?;
-        Ok(Self {
+        Self {
             ptr,
             len,
             owned: true,
-        })
+        }
+        .not_inherited()
     }
 
     /// A shared read-write mapping of `fd` (a memfd), at an address the kernel picks.
@@ -62,11 +63,21 @@ impl Mapping {
                 0,
             )
         }?;
-        Ok(Self {
+        Self {
             ptr,
             len,
             owned: true,
-        })
+        }
+        .not_inherited()
+    }
+
+    /// Marks the whole mapping MADV_DONTFORK: a child the process forks (a Python
+    /// `multiprocessing` worker, say) has no mapping here, so touching guest memory there faults
+    /// with SIGSEGV instead of reading zeros from pages the handler never served, or, for shared
+    /// memory, filling the page cache with zeros that the guest would then read as its own.
+    fn not_inherited(self) -> Result<Self, Errno> {
+        self.advise(0, self.len, MmapAdvise::MADV_DONTFORK)?;
+        Ok(self)
     }
 
     /// A read-only shared mapping of a file (a guest memory image), read only by the kernel.
@@ -82,11 +93,12 @@ impl Mapping {
                 0,
             )
         }?;
-        Ok(Self {
+        Self {
             ptr,
             len,
             owned: true,
-        })
+        }
+        .not_inherited()
     }
 
     /// A caller's mapping named by address. Nothing is unmapped on drop. The range must be mapped
