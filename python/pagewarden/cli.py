@@ -250,7 +250,7 @@ class _StopSignals:
     another library may not, and a signal left at its default action there would end the
     process at once. So both get a handler that does nothing in Python, and the interpreter's C
     handler, on whatever thread it runs, writes the signal's number to a socket this class
-    waits on. Only for the main thread (Python's rule for signal handlers)."""
+    waits on. Python lets only the main thread set handlers: elsewhere it installs nothing."""
 
     def __init__(self) -> None:
         self._reader, self._writer = socket.socketpair()
@@ -260,6 +260,8 @@ class _StopSignals:
     def __enter__(self) -> Self:
         for sock in (self._reader, self._writer):
             sock.setblocking(False)
+        if threading.current_thread() is not threading.main_thread():
+            return self  # no handlers here: wait() only times out (the caller stops it)
         self._old_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
         for sig in _STOP_SIGNALS:
             self._old_handlers[sig] = signal.signal(sig, lambda _signum, _frame: None)
@@ -277,9 +279,10 @@ class _StopSignals:
         return any(b in _STOP_SIGNALS for b in got)
 
     def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        signal.set_wakeup_fd(self._old_fd)
+        if self._old_handlers:
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(self._old_fd)
         self._reader.close()
         self._writer.close()
 
