@@ -210,13 +210,15 @@ def test_cli_serves_the_double(uffd: None, tmp_path: Path) -> None:
     assert sigbus == [5 * PAGE]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_fences_what_is_missing_and_lets_go_of_the_guest(
-    uffd: None, tmp_path: Path
+    uffd: None, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    """SIGTERM to the handler (a service manager stopping it) must not leave the microVM
-    hanging on its next missing page with nobody to answer: the handler fences what is still
-    missing (SIGBUS, never zeros), lets go of the guest (pages already in keep their bytes, a
-    balloon page reads zero instead of hanging) and exits with 128 + SIGTERM."""
+    """SIGTERM to the handler (a service manager stopping it), or SIGHUP (its terminal gone),
+    must not leave the microVM hanging on its next missing page with nobody to answer: the
+    handler fences what is still missing (SIGBUS, never zeros), lets go of the guest (pages
+    already in keep their bytes, a balloon page reads zero instead of hanging) and exits with
+    128 + the signal's number."""
     image = make_image(16 * PAGE, seed=7)
     memfile = tmp_path / "mem.snap"
     memfile.write_bytes(image)
@@ -263,10 +265,10 @@ def test_sigterm_fences_what_is_missing_and_lets_go_of_the_guest(
         assert cli.stdout.readline().strip() == f"listening on {sock}"
         # The guest has its first four pages and waits.
         assert double.stdout.readline().strip() == "waiting"
-        cli.send_signal(signal.SIGTERM)
+        cli.send_signal(sig)
         _, err = cli.communicate(timeout=30)
-        assert cli.returncode == 128 + signal.SIGTERM, err
-        assert "terminated (SIGTERM)" in err
+        assert cli.returncode == 128 + sig, err
+        assert f"terminated ({sig.name})" in err
         assert not sock.exists()
         # The guest runs on without its handler: every page it still lacked raises SIGBUS.
         go.touch()

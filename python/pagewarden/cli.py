@@ -217,29 +217,38 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class _Terminated(BaseException):
-    """SIGTERM arrived: unwinds the command like KeyboardInterrupt does, so that every context
-    manager on the way closes (a handler fences what is still missing and lets go of the guest,
-    a page server child is stopped) instead of the process vanishing mid-way."""
+    """SIGTERM or SIGHUP arrived: unwinds the command like KeyboardInterrupt does, so that every
+    context manager on the way closes (a handler fences what is still missing and lets go of the
+    guest, a page server child is stopped) instead of the process vanishing mid-way."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+# A service manager's stop, and the terminal going away.
+_UNWINDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def _sigterm_unwinds() -> Iterator[None]:
-    """Turns SIGTERM into :class:`_Terminated` in the main thread for the block (the default
-    action would end the process at once: a Firecracker guest would hang on its next missing
-    page, with nobody left to answer it). Elsewhere (``main()`` called on another thread) it
-    changes nothing, as Python only lets the main thread set handlers."""
+def _signals_unwind() -> Iterator[None]:
+    """Turns SIGTERM and SIGHUP into :class:`_Terminated` in the main thread for the block (the
+    default action would end the process at once: a Firecracker guest would hang on its next
+    missing page, with nobody left to answer it). Elsewhere (``main()`` called on another
+    thread) it changes nothing, as Python only lets the main thread set handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def terminated(_signum: int, _frame: object) -> None:
-        raise _Terminated
+    def terminated(signum: int, _frame: object) -> None:
+        raise _Terminated(signum)
 
-    old = signal.signal(signal.SIGTERM, terminated)
+    old = {sig: signal.signal(sig, terminated) for sig in _UNWINDING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 class _StopSignals:
@@ -630,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _sigterm_unwinds():
+        with _signals_unwind():
             return int(args.func(args))
     except pw.PagewardenError as e:
         print(f"pagewarden: error: {e.strerror or e}", file=sys.stderr)
@@ -638,9 +647,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pagewarden: interrupted", file=sys.stderr)
         return 130
-    except _Terminated:
-        print("pagewarden: terminated (SIGTERM)", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except _Terminated as e:
+        name = signal.Signals(e.signum).name
+        print(f"pagewarden: terminated ({name})", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":
