@@ -13,6 +13,8 @@ import ctypes
 import functools
 import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -123,6 +125,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def pagewarden_process(*args: str) -> subprocess.Popen[str]:
+    """``python -m pagewarden ARGS`` in a child process, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pagewarden", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def make_image(size: int, seed: int) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HUGE_PAGE, PAGE, SIGBUS_CODES, make_image
+from conftest import HUGE_PAGE, PAGE, SIGBUS_CODES, make_image, pagewarden_process
 
 import pagewarden as pw
 from pagewarden import cli, firecracker
@@ -46,6 +46,10 @@ class Served:
     def join(self) -> None:
         self.thread.join(60)
         assert not self.thread.is_alive(), "serve() did not return after the peer exited"
+
+
+def _firecracker_cli(*args: str) -> subprocess.Popen[str]:
+    return pagewarden_process("firecracker", *args)
 
 
 def run_double(socket_path: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -180,22 +184,13 @@ def test_cli_serves_the_double(uffd: None, tmp_path: Path) -> None:
     poison_file = tmp_path / "poison.txt"
     poison_file.write_text(f"{5 * PAGE:#x}\n")
     sock = tmp_path / "uffd.sock"
-    cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pagewarden",
-            "firecracker",
-            str(sock),
-            str(memfile),
-            "--poison",
-            str(poison_file),
-            "--accept-timeout",
-            "60",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    cli = _firecracker_cli(
+        str(sock),
+        str(memfile),
+        "--poison",
+        str(poison_file),
+        "--accept-timeout",
+        "60",
     )
     assert cli.stdout is not None
     assert cli.stdout.readline().strip() == f"listening on {sock}"
@@ -224,21 +219,12 @@ def test_sigterm_fences_what_is_missing_and_lets_go_of_the_guest(
     memfile.write_bytes(image)
     sock = tmp_path / "uffd.sock"
     go = tmp_path / "go"
-    cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pagewarden",
-            "firecracker",
-            str(sock),
-            str(memfile),
-            "--no-prefetch",
-            "--accept-timeout",
-            "60",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    cli = _firecracker_cli(
+        str(sock),
+        str(memfile),
+        "--no-prefetch",
+        "--accept-timeout",
+        "60",
     )
     out = tmp_path / "report.json"
     double = subprocess.Popen(
@@ -319,26 +305,17 @@ def test_cli_serves_the_double_from_a_page_server(
     poisoned = sorted({gpa - gpa % page_size for gpa in server_poison} | {3 * page_size})
     sock = tmp_path / "uffd.sock"
     with pw.serve(str(memfile), poison=pw.PoisonSet(server_poison), token=TOKEN) as server:
-        handler = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pagewarden",
-                "firecracker",
-                str(sock),
-                "-",
-                "--source",
-                _address(server),
-                "--token-file",
-                str(token_file),
-                "--poison",
-                str(local_poison),
-                "--accept-timeout",
-                "60",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        handler = _firecracker_cli(
+            str(sock),
+            "-",
+            "--source",
+            _address(server),
+            "--token-file",
+            str(token_file),
+            "--poison",
+            str(local_poison),
+            "--accept-timeout",
+            "60",
         )
         assert handler.stdout is not None
         first = handler.stdout.readline().strip()

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PAGE, SETTLE_LIMIT, unavailable
+from conftest import PAGE, SETTLE_LIMIT, pagewarden_process, unavailable
 
 import pagewarden as pw
 
@@ -343,12 +343,7 @@ def test_close_shuts_connections_and_stops_accepting(served: tuple[pw.Server, by
 
 
 def _cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pagewarden", "serve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return pagewarden_process("serve", *args)
 
 
 def test_cli_serve_prints_its_address_first_and_exits_0_on_sigterm(tmp_path: Path) -> None:

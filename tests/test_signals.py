@@ -17,6 +17,8 @@ import textwrap
 
 from conftest import SETTLE_LIMIT
 
+from pagewarden._quiet import PROCESS_SIGNALS
+
 # A process that starts one of each kind of thread pagewarden has: handlers on a private and on
 # a shared engine, a policy dispatcher, a poison journal writer, a page server with a
 # connection, a remote source's receivers and supervisor, and the log bridge. It prints the
@@ -84,18 +86,6 @@ THREADS = (
     "pagewarden-bulk",
     "pagewarden-remo",
 )
-
-PROCESS_SIGNALS = [
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGALRM,
-    signal.SIGCHLD,
-    signal.SIGWINCH,
-]
 
 
 def test_no_pagewarden_thread_takes_process_signals_and_ctrl_c_reaches_main(uffd: None) -> None:

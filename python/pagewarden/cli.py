@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import select
 import signal
-import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
-from typing import Any, Self
 
 import pagewarden as pw
 
@@ -213,9 +211,6 @@ def _serve_source(args: argparse.Namespace) -> str | pw.ProcessMemory:
     return str(args.image)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
 class _Terminated(BaseException):
     """SIGTERM or SIGHUP arrived: unwinds the command like KeyboardInterrupt does, so that every
     context manager on the way closes (a handler fences what is still missing and lets go of the
@@ -251,51 +246,6 @@ def _signals_unwind() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-class _StopSignals:
-    """Turns SIGINT and SIGTERM into a wake-up of the main thread's wait, whichever thread the
-    kernel hands them to.
-
-    pagewarden's own threads block these signals (``pagewarden._quiet``), but a thread of
-    another library may not, and a signal left at its default action there would end the
-    process at once. So both get a handler that does nothing in Python, and the interpreter's C
-    handler, on whatever thread it runs, writes the signal's number to a socket this class
-    waits on. Python lets only the main thread set handlers: elsewhere it installs nothing."""
-
-    def __init__(self) -> None:
-        self._reader, self._writer = socket.socketpair()
-        self._old_handlers: dict[int, Any] = {}
-        self._old_fd = -1
-
-    def __enter__(self) -> Self:
-        for sock in (self._reader, self._writer):
-            sock.setblocking(False)
-        if threading.current_thread() is not threading.main_thread():
-            return self  # no handlers here: wait() only times out (the caller stops it)
-        self._old_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-        for sig in _STOP_SIGNALS:
-            self._old_handlers[sig] = signal.signal(sig, lambda _signum, _frame: None)
-        return self
-
-    def wait(self, timeout: float | None) -> bool:
-        """True once SIGINT or SIGTERM has arrived; False after ``timeout`` seconds without."""
-        ready, _, _ = select.select([self._reader], [], [], timeout)
-        if not ready:
-            return False
-        try:
-            got = self._reader.recv(64)
-        except BlockingIOError:
-            return False
-        return any(b in _STOP_SIGNALS for b in got)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._old_handlers:
-            for sig, handler in self._old_handlers.items():
-                signal.signal(sig, handler)
-            signal.set_wakeup_fd(self._old_fd)
-        self._reader.close()
-        self._writer.close()
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     from pagewarden import poison_tools
 
@@ -328,10 +278,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shown = f"[{host}]" if ":" in host else host
         interval = args.progress_interval
         last: tuple[int, ...] = ()
-        # From the moment the address is out, a signal means "stop with a summary".
-        with _StopSignals() as stopped:
+        try:
+            # From the moment the address is out, SIGINT or SIGTERM means "stop with a summary".
+            # They reach this thread promptly: pagewarden's own threads block them.
             print(f"listening on {shown}:{port}", flush=True)
-            while not stopped.wait(interval if interval > 0 else None):
+            while True:
+                time.sleep(interval if interval > 0 else 3600.0)
+                if interval <= 0:
+                    continue
                 st = server.stats()
                 now = (st["connections_active"], st["requests"], st["bytes_sent"])
                 if now != last:
@@ -344,6 +298,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                         flush=True,
                     )
+        except KeyboardInterrupt:
+            pass
+        except _Terminated as e:
+            if e.signum != signal.SIGTERM:
+                raise
     finally:
         server.close()
     st = server.stats()

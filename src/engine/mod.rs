@@ -1132,4 +1132,4 @@ impl Drop for Handler {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -12,7 +12,9 @@ use crate::source::{MemorySource, PageSource, ZeroSource};
 use crate::sys::probe::checksum;
 use crate::touch::{touch, PageOutcome, TouchOrder, TouchVia};
 
-fn uffd_usable() -> bool {
+/// False (after saying why) when userfaultfd is unusable here; panics instead under
+/// PAGEWARDEN_REQUIRE_UFFD=1. Shared with the other modules' tests.
+pub(crate) fn uffd_usable() -> bool {
     match crate::uffd::probe_features() {
         Ok(_) => true,
         Err(e) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::client::{RemoteConfig, RemoteSource};
 use super::protocol::{read_header, server_handshake, write_frame, Geometry, Header, Kind};
+use crate::engine::tests::uffd_usable;
 use crate::engine::{Handler, HandlerConfig, Mode};
 use crate::error::Error;
 use crate::memory::GuestMemory;
@@ -14,19 +15,6 @@ use crate::sys::probe::checksum;
 use crate::touch::{touch, PageOutcome, TouchOrder, TouchVia};
 
 const TOKEN: &[u8] = b"a test token of 32 bytes.........";
-
-fn uffd_usable() -> bool {
-    match crate::uffd::probe_features() {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("PAGEWARDEN_REQUIRE_UFFD").as_deref() == Ok("1") {
-                panic!("PAGEWARDEN_REQUIRE_UFFD=1 but userfaultfd is unusable: {e}");
-            }
-            eprintln!("skipping: userfaultfd unusable here: {e}");
-            false
-        }
-    }
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Behaviour {
