@@ -29,6 +29,13 @@ impl PoisonSet {
     pub const FORMAT: &'static str = "pagewarden.poison";
     /// The poison file version this code writes and reads.
     pub const VERSION: u64 = 1;
+    /// The `address_space` field of a poison file: its addresses are offsets in the guest
+    /// memory image (what pagewarden calls guest addresses). Files written before the field
+    /// existed mean the same.
+    pub const ADDRESS_SPACE: &'static str = "image-offset";
+    /// The `format` of a list of guest-physical addresses (`pagewarden.firecracker`), which
+    /// must be translated through a VM's memory layout before it names image offsets.
+    pub const GPA_FORMAT: &'static str = "pagewarden.poison-gpa";
 
     /// An empty set; `page_size` must be a power of two of at least 4096 (else `Error::Config`).
     pub fn new(page_size: u64) -> Result<Self> {
@@ -163,9 +170,10 @@ impl PoisonSet {
     /// Serialises to the versioned JSON text, one range per line.
     pub fn to_json(&self) -> String {
         let mut text = format!(
-            "{{\"format\": \"{}\", \"version\": {}, \"page_size\": {}, \"pages\": {}, \"ranges\": [",
+            "{{\"format\": \"{}\", \"version\": {}, \"address_space\": \"{}\", \"page_size\": {}, \"pages\": {}, \"ranges\": [",
             Self::FORMAT,
             Self::VERSION,
+            Self::ADDRESS_SPACE,
             self.page_size,
             self.len()
         );
@@ -390,6 +398,14 @@ fn parse(text: &str) -> std::result::Result<PoisonSet, String> {
     // whichever field happens to differ.
     match get(&obj, "format")? {
         Value::String(format) if format == PoisonSet::FORMAT => {}
+        Value::String(format) if format == PoisonSet::GPA_FORMAT => {
+            return Err(format!(
+                "this is a list of guest-physical addresses (format {:?}), not of memory-image \
+                 offsets: give it as a guest-physical list (`pagewarden firecracker \
+                 --poison-gpa-file`), or translate it with `pagewarden poison translate`",
+                PoisonSet::GPA_FORMAT
+            ))
+        }
         Value::String(format) => {
             return Err(format!(
                 "field `format` is {:?} but expected {:?}: this is not a pagewarden poison file",
@@ -418,6 +434,18 @@ fn parse(text: &str) -> std::result::Result<PoisonSet, String> {
         ));
     }
 
+    match obj.get("address_space") {
+        None => {}
+        Some(Value::String(space)) if space == PoisonSet::ADDRESS_SPACE => {}
+        Some(other) => {
+            return Err(format!(
+                "field `address_space` is {} but a poison file names {:?} addresses (offsets \
+                 in the guest memory image)",
+                describe(other),
+                PoisonSet::ADDRESS_SPACE
+            ))
+        }
+    }
     let page_size = get_u64(&obj, "page_size")?;
     check_page_size(page_size).map_err(|e| format!("field `page_size`: {e}"))?;
     let pages = get_u64(&obj, "pages")?;

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -117,39 +118,105 @@ def test_restore_with_poison_and_balloon(uffd: None, tmp_path: Path, page_size: 
     assert result.poison is not None and sorted(result.poison) == poisoned
 
 
-@pytest.mark.parametrize(
-    ("handshake", "needle"),
-    [
-        ("bad-json", "not valid JSON"),
-        ("no-fd", "exactly one descriptor"),
-        ("two-fds", "exactly one descriptor"),
-        ("overlap", "overlap in file offsets"),
-        ("past-file", "past the end of the memory file"),
-        ("page-size", "page size 8192 is not supported"),
-    ],
-)
-def test_malformed_handshakes_are_refused(
+REFUSED_HANDSHAKES = [
+    ("bad-json", "not valid JSON"),
+    ("no-fd", "exactly one descriptor"),
+    ("two-fds", "exactly one descriptor"),
+    ("three-fds", "secret-hiding"),
+    ("overlap", "overlap in file offsets"),
+    ("past-file", "past the end of the memory file"),
+    ("page-size", "page size 8192 is not supported"),
+]
+
+
+def _refused(
+    tmp_path: Path, *double_args: str, memfile_pages: int = 16, **serve_kwargs: Any
+) -> tuple[Served, subprocess.CompletedProcess[str], Path]:
+    """Serves the double, which is refused after it connected; returns how both ended."""
+    tmp_path.mkdir(exist_ok=True)
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(make_image(memfile_pages * PAGE, seed=5))
+    sock = tmp_path / "uffd.sock"
+    served = Served(sock, memfile, **serve_kwargs)
+    out = tmp_path / "out.json"
+    done = run_double(sock, out, "--sizes", "8,8", *double_args)
+    served.join()
+    assert not sock.exists(), "the socket was left behind"
+    return served, done, out
+
+
+@pytest.mark.parametrize(("handshake", "needle"), REFUSED_HANDSHAKES)
+def test_refused_handshake_kills_the_peer(
     uffd: None, tmp_path: Path, handshake: str, needle: str
 ) -> None:
-    memfile = tmp_path / "mem.snap"
-    memfile.write_bytes(bytes(16 * PAGE))
-    sock = tmp_path / "uffd.sock"
-    served = Served(sock, memfile)
-    done = run_double(
-        sock,
-        tmp_path / "out.json",
-        "--sizes",
-        "8,8",
+    """A refusal after Firecracker connected never leaves it hung: the double, which goes on
+    to touch its memory as Firecracker's restore does, is killed (a pidfd opened at accept)."""
+    served, done, _ = _refused(tmp_path, "--handshake", handshake, "--memfile-size", str(16 * PAGE))
+    assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr)
+    assert isinstance(served.error, pw.ProtocolError), served.error
+    assert needle in str(served.error)
+    assert "was killed" in str(served.error)
+
+
+@pytest.mark.parametrize(
+    ("handshake", "needle"),
+    [h for h in REFUSED_HANDSHAKES if h[0] != "no-fd"],
+)
+def test_refused_handshake_fences_a_peer_that_may_not_be_killed(
+    uffd: None, tmp_path: Path, handshake: str, needle: str
+) -> None:
+    """Where the peer may not be killed, its memory is fenced: the pages it touches raise
+    SIGBUS (never zeros, never a hang), also when the regions were never understood."""
+    served, done, out = _refused(
+        tmp_path,
         "--handshake",
         handshake,
         "--memfile-size",
         str(16 * PAGE),
+        kill_peer_on_error=False,
     )
-    served.join()
     assert done.returncode == 0, done.stderr
     assert isinstance(served.error, pw.ProtocolError), served.error
-    assert needle in str(served.error)
-    assert not sock.exists(), "the socket was left behind"
+    assert needle in str(served.error) and "fenced" in str(served.error)
+    report = json.loads(out.read_text())
+    touched = [g for region in report["regions"] for g, _, _ in region["sigbus"]]
+    assert sorted(touched) == [0, 7 * PAGE, 8 * PAGE, 15 * PAGE]
+    assert all(not region["checksums"] for region in report["regions"]), "a page read as data"
+
+
+def test_refusals_of_a_good_handshake_kill_the_peer(
+    uffd: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other refusals after accept: a peer uid not on the allow-list, poison in no region
+    Firecracker registered, guest-physical poison whose layout the handshake contradicts, and
+    any exception at all on the way to serving."""
+    other = os.getuid() + 1
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        (
+            "uid",
+            {"access": firecracker.SocketAccess(allowed_uids=frozenset({other}))},
+            "not allowed",
+        ),
+        # The memory file is 24 pages; Firecracker registers 16 of them.
+        ("poison", {"poison": pw.PoisonSet([20 * PAGE])}, "in no region"),
+    ]
+    for name, kwargs, needle in cases:
+        served, done, _ = _refused(tmp_path / name, memfile_pages=24, **kwargs)
+        assert done.returncode == -signal.SIGKILL, (name, done.stderr)
+        assert needle in str(served.error), (name, served.error)
+    # One region of 16 pages in the layout; the handshake sends two of 8.
+    # (The layout check is the same for any size: its own tests cover big guests.)
+    served, done, _ = _refused(tmp_path / "layout", poison_gpa=pw.PoisonSet([PAGE]))
+    assert done.returncode == -signal.SIGKILL
+    assert "lays out memory differently" in str(served.error)
+
+    def broken(*_args: Any, **_kwargs: Any) -> pw.Handler:
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(pw, "Handler", broken)
+    served, done, _ = _refused(tmp_path / "exception")
+    assert done.returncode == -signal.SIGKILL
+    assert isinstance(served.error, RuntimeError)
 
 
 def test_parse_regions_messages() -> None:
@@ -182,27 +249,31 @@ def test_cli_serves_the_double(uffd: None, tmp_path: Path) -> None:
     memfile = tmp_path / "mem.snap"
     memfile.write_bytes(image)
     poison_file = tmp_path / "poison.txt"
-    poison_file.write_text(f"{5 * PAGE:#x}\n")
+    poison_file.write_text(f"# address-space: image-offset\n{5 * PAGE:#x}\n")
     sock = tmp_path / "uffd.sock"
     cli = _firecracker_cli(
         str(sock),
         str(memfile),
         "--poison",
         str(poison_file),
+        # A byte inside page 9, as a machine-check report names it.
+        "--poison-gpa",
+        f"{9 * PAGE + 0x123:#x}",
         "--accept-timeout",
         "60",
     )
     assert cli.stdout is not None
     assert cli.stdout.readline().strip() == f"listening on {sock}"
     out = tmp_path / "report.json"
-    done = run_double(sock, out, "--sizes", "16,8")
+    # One region, as Firecracker lays out a guest below 3 GiB (the layout is checked).
+    done = run_double(sock, out, "--sizes", "24")
     assert done.returncode == 0, done.stderr
     stdout, stderr = cli.communicate(timeout=60)
     assert cli.returncode == 0, stderr
     assert "exited" in stdout and "Firecracker connected" in stderr
     report = json.loads(out.read_text())
     sigbus = [g for region in report["regions"] for g, _, _ in region["sigbus"]]
-    assert sigbus == [5 * PAGE]
+    assert sorted(sigbus) == [5 * PAGE, 9 * PAGE]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
@@ -301,7 +372,7 @@ def test_cli_serves_the_double_from_a_page_server(
     # region's page 1; the handler's own list adds page 3.
     server_poison = [2 * page_size - PAGE, (sizes[0] + 1) * page_size]
     local_poison = tmp_path / "poison.txt"
-    local_poison.write_text(f"{3 * page_size:#x}\n")
+    local_poison.write_text(f"# address-space: image-offset\n{3 * page_size:#x}\n")
     poisoned = sorted({gpa - gpa % page_size for gpa in server_poison} | {3 * page_size})
     sock = tmp_path / "uffd.sock"
     with pw.serve(str(memfile), poison=pw.PoisonSet(server_poison), token=TOKEN) as server:
@@ -368,7 +439,7 @@ def test_regions_past_the_page_servers_memory_are_refused(uffd: None, tmp_path: 
             str(16 * PAGE),
         )
         served.join()
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == -signal.SIGKILL, done.stderr
     assert isinstance(served.error, pw.ProtocolError), served.error
     assert f"past the end of the page server's memory at {_address(server)}" in str(served.error)
 

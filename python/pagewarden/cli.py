@@ -84,112 +84,10 @@ def _read_token(path: str, remedy: str | None = None) -> bytes:
     return token
 
 
-def _firecracker_token(args: argparse.Namespace) -> bytes | None:
-    """Checks the combination of MEMFILE, --source and the token options; the token to use."""
-    import os
-
-    if args.source is None:
-        if args.memfile == "-":
-            raise _UsageProblem("MEMFILE - means pages come from a page server: add --source")
-        if args.token_file is not None or args.insecure_no_token:
-            raise _UsageProblem("--token-file and --insecure-no-token are for --source")
-        if args.background is not None:
-            raise _UsageProblem(
-                "--background is for --source (a memory file is read on the fault path)"
-            )
-        if not os.path.isfile(args.memfile):
-            raise _UsageProblem(
-                f"memory file {args.memfile} does not exist or is not a regular file"
-            )
-        return None
-    if args.memfile != "-":
-        raise _UsageProblem(
-            f"with --source, pages come from the page server: give MEMFILE as -, not "
-            f"{args.memfile} (the server serves the memory file)"
-        )
-    if args.token_file is None and not args.insecure_no_token:
-        raise _UsageProblem(
-            "--source needs --token-file: the file holding the page server's token "
-            "(--insecure-no-token only for a loopback server started with it, for testing)"
-        )
-    if args.token_file is not None and args.insecure_no_token:
-        raise _UsageProblem("give either --token-file or --insecure-no-token, not both")
-    if args.token_file is None:
-        return None
-    return _read_token(
-        args.token_file,
-        remedy="use the page server's token file (the one given to `pagewarden serve "
-        "--token-file`)",
-    )
-
-
 def _cmd_firecracker(args: argparse.Namespace) -> int:
-    import contextlib
-    import logging
+    from pagewarden.firecracker import command
 
-    from pagewarden import firecracker, poison_tools
-
-    def error(message: str) -> None:
-        print(f"pagewarden firecracker: error: {message}", file=sys.stderr)
-
-    try:
-        token = _firecracker_token(args)
-    except _UsageProblem as e:
-        error(str(e))
-        return 2
-    logging.basicConfig(level=logging.INFO, format="pagewarden: %(message)s")
-    poison = poison_tools.load_any(args.poison)[0] if args.poison else None
-    with contextlib.ExitStack() as stack:
-        source = None
-        if args.source is not None:
-            # Connect before the socket exists: a page server that cannot be reached stops us
-            # before Firecracker can connect, so its snapshot load fails and no microVM runs.
-            try:
-                source = stack.enter_context(
-                    pw.RemoteSource(
-                        args.source,
-                        token,
-                        give_up_after=args.give_up_after,
-                        insecure_no_token=args.insecure_no_token,
-                        background=args.background or "idle",
-                    )
-                )
-            except pw.ConfigurationError as e:
-                error(str(e.strerror or e))  # names the address, or the token rule broken
-                return 2
-            except pw.PagewardenError as e:
-                error(f"cannot use the page server at {args.source}: {e.strerror or e}")
-                return 1
-            logging.getLogger("pagewarden.firecracker").info(
-                "page server %s: %d MiB of guest memory in %d KiB pages, %d poisoned pages",
-                source.address,
-                source.memory_size >> 20,
-                source.page_size >> 10,
-                len(source.poison_set()),
-            )
-        result = firecracker.serve(
-            args.socket,
-            None if source is not None else args.memfile,
-            poison=poison,
-            prefetch=args.prefetch,
-            kill_peer_on_error=args.kill_peer,
-            poison_journal=args.poison_journal,
-            accept_timeout=args.accept_timeout,
-            on_ready=lambda: print(f"listening on {args.socket}", flush=True),
-            source=source,
-        )
-        st = result.stats
-        print(
-            f"Firecracker pid {result.peer.pid} exited: {st.get('faults', 0)} faults, "
-            f"{st.get('pages_prefetched', 0)} pages prefetched, "
-            f"{st.get('pages_poisoned', 0)} poison markers installed"
-            + (
-                f"; {source.stats()['bytes_received'] >> 20} MiB from {source.address}"
-                if source is not None
-                else ""
-            )
-        )
-    return 0
+    return command.run(args)
 
 
 def _serve_source(args: argparse.Namespace) -> str | pw.ProcessMemory:
@@ -415,6 +313,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         kvm_todo = "only to run KVM guests here: give this user read-write access (group kvm)"
     row("/dev/kvm", kvm, "ok" if kvm == "ok" else "", kvm_todo)
+    if kvm == "ok":
+        from pagewarden import kvm_check
+
+        delivery = kvm_check.poison_delivery()
+        row(
+            "poison reaches a KVM guest's VMM as",
+            delivery.how,
+            {True: "ok", False: "NO PROTECTION", None: ""}[delivery.protects],
+            delivery.summary if delivery.protects is not True else "",
+        )
 
     print(
         f"pagewarden {pw.__version__} on Linux {caps['kernel_release']} ({platform.machine()}), "
@@ -483,52 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a Firecracker snapshot restore (external UFFD handler), with poison",
         description="Listen on SOCKET for Firecracker's UFFD handshake and serve guest memory "
         "from MEMFILE, or with --source from a page server (pagewarden serve) that serves the "
-        "memory file; pages of --poison and the server's poison are answered with "
-        "UFFDIO_POISON. Exits when Firecracker does.",
+        "memory file; poisoned pages (memory-file offsets, or guest-physical addresses "
+        "translated with the VM's layout) are answered with UFFDIO_POISON. A refusal after "
+        "Firecracker connected kills it (or fences its memory). Exits when Firecracker does.",
     )
-    p.add_argument("socket", help="Unix socket path Firecracker connects to (created 0600)")
-    p.add_argument("memfile", help="the snapshot's guest memory file; - with --source")
-    p.add_argument("--poison", help="poison list: JSON poison file, journal or text list")
-    p.add_argument("--poison-journal", help="append poison found while serving to this journal")
-    p.add_argument(
-        "--prefetch",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bring in every page in the background (default: on)",
-    )
-    p.add_argument(
-        "--kill-peer",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="kill Firecracker on a fatal error rather than leave it on bad memory (default: on)",
-    )
-    p.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for it")
-    p.add_argument(
-        "--source",
-        metavar="HOST:PORT",
-        help="fetch pages from this page server (serving the memory file) instead of MEMFILE",
-    )
-    p.add_argument("--token-file", help="with --source: file holding the page server's token")
-    p.add_argument(
-        "--insecure-no-token",
-        action="store_true",
-        help="with --source: a loopback page server started without a token (for testing)",
-    )
-    p.add_argument(
-        "--give-up-after",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="with --source: fail (and kill Firecracker) when the page server stays unreachable "
-        "this long (default: 30)",
-    )
-    p.add_argument(
-        "--background",
-        choices=("idle", "normal"),
-        help="with --source: receive background data at idle priority (default; faults never "
-        "wait for a CPU behind it) or normal priority (for hosts whose CPUs are always busy, "
-        "where an idle-priority push barely advances)",
-    )
+    from pagewarden.firecracker import command as firecracker_command
+
+    firecracker_command.add_arguments(p)
     p.set_defaults(func=_cmd_firecracker)
     p = sub.add_parser(
         "serve",

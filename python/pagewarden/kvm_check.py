@@ -17,6 +17,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 import pagewarden as pw
@@ -65,6 +66,47 @@ def check(
     return _native.kvm_check(
         pages=pages, poisoned=None if poisoned is None else list(poisoned), timeout=timeout
     )
+
+
+@dataclass(frozen=True)
+class PoisonDelivery:
+    """How this host's KVM tells a VMM that a vCPU touched a poisoned page."""
+
+    protects: bool | None
+    """True: the VMM learns of the poison (SIGBUS or a fault exit) and the guest never reads
+    it; False: the read becomes an MMIO exit, which a VMM such as Firecracker answers with
+    zeros, so poison cannot protect a guest here; None: not known (no usable /dev/kvm)."""
+    how: str
+    """``sigbus``, ``memory_fault_exit``, ``efault``, ``mmio_exit`` or ``unknown``."""
+    summary: str
+    """One sentence for an operator, with what to do."""
+
+
+MMIO_SUMMARY = (
+    "this host's KVM turns a vCPU's read of a poisoned page into an MMIO exit (as nested KVM "
+    "such as kvm_pvm does) instead of a SIGBUS: Firecracker answers such a read with zeros, "
+    "so poison cannot protect a guest on this host; restore poisoned VMs on hosts where "
+    "`pagewarden info` says poison reaches the VMM as SIGBUS"
+)
+
+
+def poison_delivery(timeout: float = 5.0) -> PoisonDelivery:
+    """Runs a small kvm-check (a few milliseconds) and says how poison reaches a VMM here."""
+    try:
+        report = check(pages=16, poisoned=[5], timeout=timeout)
+    except pw.PagewardenError as e:
+        return PoisonDelivery(None, "unknown", f"not known: KVM check failed ({e.strerror or e})")
+    kinds = [o["how"] for o in report["poison_observed_as"]]
+    if "mmio_exit" in kinds:
+        return PoisonDelivery(False, "mmio_exit", MMIO_SUMMARY)
+    for how, text in (
+        ("sigbus", "SIGBUS to the vCPU thread (Firecracker exits with status 149)"),
+        ("memory_fault_exit", "a KVM memory-fault exit at the guest-physical address"),
+        ("efault", "KVM_RUN failing with EFAULT"),
+    ):
+        if how in kinds:
+            return PoisonDelivery(True, how, f"poison reaches the VMM as {text}")
+    return PoisonDelivery(None, "unknown", "not known: the check's vCPU never read the poison")
 
 
 def _hex_list(values: Sequence[int], limit: int = 6) -> str:
@@ -191,4 +233,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(json.dumps(report, indent=2), file=out)
     else:
         print(format_report(report), file=out)
+        if any(o["how"] == "mmio_exit" for o in report["poison_observed_as"]):
+            print(f"\nwarning: {MMIO_SUMMARY}", file=out)
     return 0 if report["ok"] else 1

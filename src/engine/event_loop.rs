@@ -119,7 +119,9 @@ impl EventLoop {
     pub(crate) fn new(sh: Arc<Shared>, failed: bool) -> Self {
         let plan = std::mem::take(&mut *sh.prefetch_plan.lock().unwrap_or_else(|e| e.into_inner()));
         let async_source = !sh.source.ready_fds().is_empty();
-        let prefetching = sh.config.prefetch && !failed;
+        // A prefetch order is worked through even without full prefetch: that is a working-set
+        // restore (the recorded pages first, the rest only when the guest touches them).
+        let prefetching = (sh.config.prefetch || !plan.is_empty()) && !failed;
         Self {
             sh,
             messages: [UffdMsg::default(); MESSAGE_BATCH],
@@ -1011,6 +1013,10 @@ impl EventLoop {
                 }
                 None => self.plan_pos += 1,
             }
+        }
+        if !self.sh.config.prefetch {
+            self.prefetching = false;
+            return Ok(());
         }
         while self.cursor.0 < self.sh.regions.len() {
             let (ri, from) = self.cursor;

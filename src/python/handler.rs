@@ -181,7 +181,9 @@ fn memories_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Arc<CoreMemory>>> {
 /// `memory` is one GuestMemory or a list of them (non-overlapping guest ranges). `mode` is
 /// "missing" (any memory) or "minor" (memfd memory: the page cache is filled, then
 /// UFFDIO_CONTINUE maps it). With `prefetch`, every page is also brought in in the background,
-/// faults first.
+/// faults first. `prefetch_order` (guest addresses or `(guest_address, length)` ranges, such as
+/// a recorded `access_log()`) is brought in before anything else; with `prefetch=False` it is
+/// the only thing prefetched: a working-set restore.
 #[pyclass(frozen, weakref, module = "pagewarden._native")]
 pub struct Handler {
     inner: CoreHandler,
