@@ -137,6 +137,16 @@ def pagewarden_process(*args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.fixture
+def kvm(uffd: None) -> None:
+    """Requires a usable /dev/kvm (and, through ``uffd``, a usable userfaultfd)."""
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this host: KVM is not available")
+    status = pw.capabilities()["kvm"]
+    if status != "ok":
+        unavailable(f"/dev/kvm is present but cannot be opened: {status}")
+
+
 def make_image(size: int, seed: int) -> bytes:
     """A deterministic guest memory image: the byte at offset X is guest address X."""
     return random.Random(seed).randbytes(size)

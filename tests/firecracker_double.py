@@ -104,6 +104,12 @@ def main() -> int:
     )
     p.add_argument("--memfile-size", type=int, default=0)
     p.add_argument(
+        "--as-uid",
+        default="",
+        metavar="UID:GID",
+        help="after creating the uffd, drop to this user to connect, as a jailed Firecracker",
+    )
+    p.add_argument(
         "--touch-pages", default="", help="touch only these guest addresses, comma separated"
     )
     p.add_argument(
@@ -153,6 +159,11 @@ def main() -> int:
         args.handshake, [uffd]
     )
 
+    if args.as_uid:
+        uid, gid = (int(x) for x in args.as_uid.split(":"))
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     for _ in range(200):
         try:

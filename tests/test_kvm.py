@@ -5,7 +5,6 @@ them poisoned. Runs where /dev/kvm is usable; skips where it is absent; under
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import pytest
@@ -16,16 +15,6 @@ from pagewarden import _native, cli, kvm_check
 
 DATA_BASE = 0x10000
 OBSERVATION_KINDS = {"sigbus", "memory_fault_exit", "efault", "mmio_exit"}
-
-
-@pytest.fixture
-def kvm(uffd: None) -> None:
-    """Requires a usable /dev/kvm (and, through ``uffd``, a usable userfaultfd)."""
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm on this host: KVM is not available")
-    status = pw.capabilities()["kvm"]
-    if status != "ok":
-        unavailable(f"/dev/kvm is present but cannot be opened: {status}")
 
 
 def run_check(**kwargs: Any) -> dict[str, Any]:

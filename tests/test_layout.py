@@ -85,7 +85,7 @@ def test_small_guest_has_no_gap_only_an_end() -> None:
 def test_handshake_must_show_the_layout() -> None:
     layout = GuestLayout.firecracker(5 * GiB)
     layout.check_handshake([(0, 3 * GiB), (3 * GiB, 2 * GiB)])
-    with pytest.raises(pw.ProtocolError, match="try --layout firecracker-v1.0"):
+    with pytest.raises(pw.ProtocolError, match=r"try --layout firecracker-v1\.0"):
         layout.check_handshake([(0, 0xD000_0000), (0xD000_0000, 5 * GiB - 0xD000_0000)])
 
 

@@ -234,5 +234,5 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         print(format_report(report), file=out)
         if any(o["how"] == "mmio_exit" for o in report["poison_observed_as"]):
-            print(f"\nwarning: {MMIO_SUMMARY}", file=out)
+            print(f"pagewarden kvm-check: warning: {MMIO_SUMMARY}", file=sys.stderr)
     return 0 if report["ok"] else 1

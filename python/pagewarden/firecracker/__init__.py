@@ -25,8 +25,8 @@ from pagewarden.firecracker.handshake import (
     peer_credentials,
     receive_handshake,
 )
-from pagewarden.firecracker.layout import FAMILIES, GuestLayout, LayoutFamily, RamRegion
-from pagewarden.firecracker.serve import PREFETCH_MODES, ServeResult, serve
+from pagewarden.firecracker.layout import GuestLayout, LayoutFamily, RamRegion
+from pagewarden.firecracker.serve import ServeResult, serve
 
 __all__ = [
     "GuestLayout",
