@@ -780,7 +780,7 @@ mod tests {
         let compact: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
         assert_eq!(
             compact,
-            r#"{"format": "pagewarden.poison", "version": 1, "page_size": 4096, "pages": 3, "ranges": [ [4096, 2], [1048576, 1] ]}"#
+            r#"{"format": "pagewarden.poison", "version": 1, "address_space": "image-offset", "page_size": 4096, "pages": 3, "ranges": [ [4096, 2], [1048576, 1] ]}"#
         );
         let path = Path::new("x.poison");
         assert_eq!(PoisonSet::from_json(&text, path).unwrap(), s);
@@ -850,6 +850,23 @@ mod tests {
     fn rejects_bad_files_precisely() {
         let valid = file("4096", "3", "[[4096, 2], [1048576, 1]]");
         assert!(PoisonSet::from_json(&valid, Path::new("p")).is_ok());
+
+        // The address space: absent (files from before it was written) or image offsets; a
+        // list of guest-physical addresses is never read as offsets.
+        let spaced = valid.replace(
+            "\"version\": 1,",
+            "\"version\": 1, \"address_space\": \"image-offset\",",
+        );
+        assert_ne!(spaced, valid);
+        assert!(PoisonSet::from_json(&spaced, Path::new("p")).is_ok());
+        rejects(
+            &spaced.replace("image-offset", "guest-physical"),
+            "field `address_space` is string \"guest-physical\"",
+        );
+        rejects(
+            &valid.replace("\"pagewarden.poison\"", "\"pagewarden.poison-gpa\""),
+            "this is a list of guest-physical addresses",
+        );
 
         let msg = rejects(&valid[..valid.len() - 5], "truncated");
         assert!(msg.contains("line 1 column"), "{msg}");

@@ -256,6 +256,35 @@ fn access_log_records_first_faults_and_replays_as_prefetch_order() {
         assert_eq!(outcome, PageOutcome::Data(checksum(page)));
     }
     h.close();
+
+    // A working-set restore: without full prefetch, the order alone is prefetched and every
+    // other page waits for its fault.
+    let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
+    let h = missing_mode_handler(&memory, &bytes, false);
+    h.set_prefetch_order(&ranges).unwrap();
+    h.start().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.stats().pages_prefetched < working_set.len() as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the working set never arrived"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.stats().pages_prefetched, working_set.len() as u64);
+    assert!(
+        !h.wait(Some(Duration::from_millis(10))).unwrap(),
+        "not every page is in"
+    );
+    let report = touch(&memory, None, 1, TouchOrder::Sequential, TouchVia::Load).unwrap();
+    for (gpa, outcome) in report.outcomes {
+        let page = &bytes[gpa as usize..(gpa + 4096) as usize];
+        assert_eq!(outcome, PageOutcome::Data(checksum(page)));
+    }
+    let stats = h.stats();
+    assert_eq!(stats.faults, pages - working_set.len() as u64);
+    h.close();
 }
 
 #[test]
