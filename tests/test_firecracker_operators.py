@@ -303,12 +303,20 @@ def test_firecracker_warns_when_this_host_cannot_protect(
 ) -> None:
     memfile = tmp_path / "mem.snap"
     memfile.write_bytes(bytes(8 * PAGE))
-    proc = pagewarden_process(
-        "firecracker", str(tmp_path / "s.sock"), str(memfile), "--accept-timeout", "0.1"
-    )
-    _, err = proc.communicate(timeout=60)
-    warned = "poison cannot protect a guest on this host" in err
-    assert warned is (kvm_check.poison_delivery().protects is False), err
+    cannot = kvm_check.poison_delivery().protects is False
+    for poison, warned in ((["--poison-gpa", "0x1000"], True), ([], False)):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pagewarden", "firecracker", str(tmp_path / "s.sock"),
+             str(memfile), "--accept-timeout", "0.1", *poison],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+        line = next((ln for ln in err.splitlines() if "cannot protect a guest" in ln), None)
+        assert (line is not None) is cannot, err
+        if line is not None:
+            assert line.startswith("pagewarden: warning: ") is warned, line
 
 
 def test_serve_thread_is_not_left_behind(uffd: None, tmp_path: Path) -> None:

@@ -225,13 +225,22 @@ def _access(args: argparse.Namespace) -> SocketAccess:
     )
 
 
-def _warn_about_this_host() -> None:
-    """Says so when poison cannot protect a guest on this host's KVM."""
+class _LogFormat(logging.Formatter):
+    """``pagewarden: MESSAGE``, with ``warning:`` or ``error:`` before what is more than news."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        return f"pagewarden: {level}{record.getMessage()}"
+
+
+def _warn_about_this_host(poison_given: bool) -> None:
+    """Says so when poison cannot protect a guest on this host's KVM: a warning when there is
+    poison to install, a note otherwise (a fence, after a refusal, would not protect it either)."""
     from pagewarden import kvm_check
 
     delivery = kvm_check.poison_delivery()
     if delivery.protects is False:
-        log.warning("%s", delivery.summary)
+        log.log(logging.WARNING if poison_given else logging.INFO, "%s", delivery.summary)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -263,8 +272,10 @@ def run(args: argparse.Namespace) -> int:
     except (UsageProblem, _UsageProblem, pw.ConfigurationError, pw.PoisonFileError) as e:
         error(str(e.strerror if isinstance(e, OSError) and e.strerror else e))
         return 2
-    logging.basicConfig(level=logging.INFO, format="pagewarden: %(message)s")
-    _warn_about_this_host()
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    _warn_about_this_host(offsets is not None or gpas is not None or args.source is not None)
     with contextlib.ExitStack() as stack:
         source = None
         if args.source is not None:
