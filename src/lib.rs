@@ -11,6 +11,7 @@ pub mod log;
 pub mod memory;
 pub mod pagestate;
 pub mod poison;
+pub mod reattach;
 pub mod policy;
 pub mod remote;
 pub mod source;

@@ -104,6 +104,12 @@ def main() -> int:
     )
     p.add_argument("--memfile-size", type=int, default=0)
     p.add_argument(
+        "--balloon-after",
+        default="",
+        metavar="PATH",
+        help="wait until PATH exists before inflating the balloon",
+    )
+    p.add_argument(
         "--as-uid",
         default="",
         metavar="UID:GID",
@@ -207,6 +213,13 @@ def main() -> int:
             }
         )
     balloon = [int(x) for x in args.balloon.split(",") if x]
+    if balloon and args.balloon_after:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(args.balloon_after):
+            if time.monotonic() > deadline:
+                print(f"{args.balloon_after} did not appear within 60 s", file=sys.stderr)
+                return 3
+            time.sleep(0.005)
     for gpa in balloon:
         mem = next(m for m in memories if m.guest_address <= gpa < m.guest_address + m.size)
         host = mem.host_address_of(gpa)

@@ -88,6 +88,12 @@ def capabilities() -> dict[str, Any]:
 def _log_wait(timeout: float) -> tuple[list[tuple[int, str]], int]:
     """The native core's log records (waits up to ``timeout`` s); and how many were dropped."""
 
+def _take_uffd(pid: int, start_time: int | None = None) -> int:
+    """Takes process ``pid``'s userfaultfd (pidfd_getfd); the caller owns the descriptor."""
+
+def _process_start_time(pid: int) -> int:
+    """Process ``pid``'s start time in clock ticks since boot (``/proc/PID/stat`` field 22)."""
+
 def page_checksum(data: bytes) -> int:
     """The checksum ``GuestMemory.touch`` reports for a page with these bytes."""
 
@@ -334,6 +340,8 @@ class Handler:
         policy: Policy | None = None,
         policy_timeout: float = 0.05,
         progress_interval: float = 1.0,
+        resumed: bool = False,
+        removed_journal: str | PathLike[str] | None = None,
     ) -> Self: ...
     def _policy_failed(self, exc: BaseException) -> None:
         """Records the first exception a policy callback raised (for the dispatcher)."""
@@ -381,6 +389,9 @@ class Handler:
     def poison_journal(self) -> Path | None: ...
     @property
     def running(self) -> bool: ...
+    def detach(self) -> None:
+        """Stops serving and leaves the guest as it is (registered, nothing fenced) for a
+        successor that takes the uffd over; ``close()`` afterwards does nothing more."""
     def close(self) -> None:
         """Stops the loop; pages still missing are fenced (SIGBUS, never zeros). Idempotent."""
     def __enter__(self) -> Self: ...

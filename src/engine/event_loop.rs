@@ -15,7 +15,6 @@ use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
 use super::{Mode, Region, Shared, Stats};
 use crate::error::{Error, Result};
-use crate::memory::MemoryKind;
 use crate::pagestate::PageState;
 use crate::source::{Completion, PageData, Want};
 use crate::sys::{UffdEvent, UffdMsg, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WRITE};
@@ -223,8 +222,10 @@ impl EventLoop {
 
     /// Ends the handler: fences what is missing, unregisters, wakes waiters.
     pub(crate) fn finish(&self) {
-        self.sh.fence_missing();
-        self.sh.unregister_all();
+        if !self.sh.detached.load(Ordering::Acquire) {
+            self.sh.fence_missing();
+            self.sh.unregister_all();
+        }
         self.sh.notify();
         self.sh.set_exited();
     }
@@ -1158,35 +1159,23 @@ impl EventLoop {
         }
     }
 
-    /// Pages in `[start, end)` were dropped by the guest: they read zero from now on, except
-    /// poisoned pages, which stay poisoned (their marker is gone, the state is not).
+    /// Pages in host range `[start, end)` were dropped by the guest (see
+    /// [`Shared::mark_removed`]); with a removed-page journal, recorded first, so that a
+    /// successor knows it too.
     fn mark_removed(&mut self, start: u64, end: u64) {
-        for region in &self.sh.regions {
-            let (lo, hi) = (start.max(region.start), end.min(region.end));
-            if lo >= hi {
-                continue;
-            }
-            let first = ((lo - region.start) / region.page_size) as usize;
-            let last = ((hi - region.start).div_ceil(region.page_size)) as usize;
-            // The event does not say which advice raised it. On private memory any removal
-            // discards the page. On shared memory (shmem, hugetlbfs) MADV_DONTNEED keeps the
-            // contents ("repopulated from the underlying file") and only MADV_REMOVE discards
-            // them; for a page never brought in both leave the same hole. Serving the source's
-            // bytes there is right after DONTNEED and harmless after REMOVE (a discarded page's
-            // contents are garbage to the guest), while zeros after DONTNEED would lose data.
-            let shared = matches!(
-                region.memory.kind(),
-                MemoryKind::Shmem | MemoryKind::Hugetlb
-            );
-            for i in first..last.min(region.states.len()) {
-                if shared {
-                    region
-                        .states
-                        .transition_from(i, PageState::Present, PageState::Removed);
-                } else {
-                    let _ = region.states.transition(i, PageState::Removed);
+        if let Some(journal) = self.sh.removed.get() {
+            for r in &self.sh.regions {
+                let (lo, hi) = (start.max(r.start), end.min(r.end));
+                if lo < hi {
+                    let gpa = r.memory.guest_address() + (lo - r.start);
+                    if let Err(e) = journal.record(gpa, hi - lo) {
+                        // Serving goes on (the guest must not hang); only a successor would
+                        // miss this record.
+                        crate::log::record(crate::log::Level::Error, e.to_string());
+                    }
                 }
             }
         }
+        self.sh.mark_removed(start, end);
     }
 }

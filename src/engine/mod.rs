@@ -20,6 +20,7 @@ use crate::journal::Journal;
 use crate::memory::{GuestMemory, MemoryKind};
 use crate::pagestate::{PageState, PageStates};
 use crate::poison::PoisonSet;
+use crate::reattach::RemovedJournal;
 use crate::source::PageSource;
 use crate::sys;
 use crate::uffd::Uffd;
@@ -125,11 +126,60 @@ pub(crate) struct Shared {
     pub(crate) journal: OnceLock<Arc<Journal>>,
     /// Where a policy hears about events and poison, when the handler has one.
     pub(crate) hub: OnceLock<Arc<crate::policy::Hub>>,
+    /// The removed-page journal, when a successor may take over (`--state-dir`): every REMOVE
+    /// the loop reads is appended before the faults behind it are resolved.
+    pub(crate) removed: OnceLock<RemovedJournal>,
+    /// Stopped by [`Handler::detach`]: the guest is left as it is (no fence, still registered)
+    /// for a successor to take over.
+    pub(crate) detached: AtomicBool,
     status: Mutex<Status>,
     cond: Condvar,
 }
 
 impl Shared {
+    /// Pages in host range `[start, end)` were dropped by the guest: they read zero from now
+    /// on, except poisoned pages, which stay poisoned (their marker is gone, the state is not).
+    pub(crate) fn mark_removed(&self, start: u64, end: u64) {
+        for region in &self.regions {
+            let (lo, hi) = (start.max(region.start), end.min(region.end));
+            if lo >= hi {
+                continue;
+            }
+            let first = ((lo - region.start) / region.page_size) as usize;
+            let last = ((hi - region.start).div_ceil(region.page_size)) as usize;
+            // The event does not say which advice raised it. On private memory any removal
+            // discards the page. On shared memory (shmem, hugetlbfs) MADV_DONTNEED keeps the
+            // contents ("repopulated from the underlying file") and only MADV_REMOVE discards
+            // them; for a page never brought in both leave the same hole. Serving the source's
+            // bytes there is right after DONTNEED and harmless after REMOVE (a discarded page's
+            // contents are garbage to the guest), while zeros after DONTNEED would lose data.
+            let shared = matches!(
+                region.memory.kind(),
+                MemoryKind::Shmem | MemoryKind::Hugetlb
+            );
+            for i in first..last.min(region.states.len()) {
+                if shared {
+                    region
+                        .states
+                        .transition_from(i, PageState::Present, PageState::Removed);
+                } else {
+                    let _ = region.states.transition(i, PageState::Removed);
+                }
+            }
+        }
+    }
+
+    /// As [`mark_removed`](Self::mark_removed), for a guest range (a journal's record).
+    pub(crate) fn mark_removed_guest(&self, guest_address: u64, len: u64) {
+        for region in &self.regions {
+            let base = region.memory.guest_address();
+            let (lo, hi) = (guest_address.max(base), (guest_address + len).min(base + region.memory.size()));
+            if lo < hi {
+                self.mark_removed(region.start + (lo - base), region.start + (hi - base));
+            }
+        }
+    }
+
     /// Ends the registration (after [`fence_missing`](Self::fence_missing)): markers stay and
     /// keep raising SIGBUS, nothing is missing any more, and a later MADV_DONTNEED no longer
     /// queues an event that nobody would read (its caller would wait forever). Then reads what
@@ -335,6 +385,15 @@ fn poison_runs(region: &GuestMemory, poison: &PoisonSet) -> Vec<(usize, usize)> 
     runs
 }
 
+/// A userfaultfd created and registered by another program (a VMM), handed to the handler.
+pub struct ExternalUffd {
+    /// The uffd.
+    pub uffd: Uffd,
+    /// It was served before, by a handler that died or detached (re-attach): known poison may
+    /// already be installed, and pages may already be present.
+    pub resumed: bool,
+}
+
 impl Handler {
     /// Registers `memories` with a new userfaultfd and installs the known `poison` up front.
     /// Nothing runs until [`start`](Self::start).
@@ -371,7 +430,7 @@ impl Handler {
         poison: &PoisonSet,
         config: HandlerConfig,
         journal: Option<&Path>,
-        uffd: Option<Uffd>,
+        uffd: Option<ExternalUffd>,
     ) -> Result<Self> {
         if uffd.is_some() && config.mode != Mode::Missing {
             return Err(Error::Config(
@@ -508,7 +567,7 @@ impl Handler {
         source: Arc<dyn PageSource>,
         poison: &PoisonSet,
         config: HandlerConfig,
-        external: Option<Uffd>,
+        external: Option<ExternalUffd>,
     ) -> Result<Self> {
         let wanted = sys::UFFD_FEATURE_EVENT_REMOVE
             | sys::UFFD_FEATURE_EVENT_UNMAP
@@ -516,8 +575,9 @@ impl Handler {
             | sys::UFFD_FEATURE_POISON
             | sys::UFFD_FEATURE_THREAD_ID;
         let handed_over = external.is_some();
+        let resumed = external.as_ref().is_some_and(|e| e.resumed);
         let uffd = match external {
-            Some(uffd) => uffd,
+            Some(e) => e.uffd,
             None => Uffd::new(required_features(memories, config.mode), wanted)?,
         };
         let reg_mode = match config.mode {
@@ -532,7 +592,7 @@ impl Handler {
                 // Registered by its owner; its pages have never been served, so known poison
                 // goes straight onto missing pages.
                 let region = Region::new(m);
-                Self::install_poison(&uffd, &region, &runs)?;
+                Self::install_poison(&uffd, &region, &runs, resumed)?;
                 max_page = max_page.max(if m.is_hugetlb() { m.page_size() } else { 0 });
                 regions.push(region);
                 continue;
@@ -584,7 +644,7 @@ impl Handler {
                 });
             }
             let region = Region::new(m);
-            Self::install_poison(&uffd, &region, &runs)?;
+            Self::install_poison(&uffd, &region, &runs, false)?;
             max_page = max_page.max(if m.is_hugetlb() { m.page_size() } else { 0 });
             regions.push(region);
         }
@@ -617,6 +677,8 @@ impl Handler {
             prefetch_plan: Mutex::new(Vec::new()),
             journal: OnceLock::new(),
             hub: OnceLock::new(),
+            removed: OnceLock::new(),
+            detached: AtomicBool::new(false),
             status: Mutex::new(Status::default()),
             cond: Condvar::new(),
         };
@@ -630,7 +692,16 @@ impl Handler {
         })
     }
 
-    fn install_poison(uffd: &Uffd, region: &Region, runs: &[(usize, usize)]) -> Result<()> {
+    /// Installs the markers of `runs` (first page, count). On a `resumed` uffd a page may hold
+    /// its marker already (EEXIST): checked through the kernel's access path (a poisoned page
+    /// cannot be read), and a page that is readable instead is an error, since it would have to
+    /// be dropped from the VMM's address space, which this process cannot do.
+    fn install_poison(
+        uffd: &Uffd,
+        region: &Region,
+        runs: &[(usize, usize)],
+        resumed: bool,
+    ) -> Result<()> {
         let ps = region.page_size;
         for &(first, count) in runs {
             for i in first..first + count {
@@ -648,10 +719,28 @@ impl Handler {
             while done < len {
                 match uffd.poison(start + done, len - done, true) {
                     Ok(()) => done = len,
+                    // Resumed: an event the dead handler left unread (a REMOVE) holds every
+                    // resolution off until the loop reads it. The pages are Poisoned in the
+                    // state already, so the loop answers their faults with poison; the markers
+                    // can wait.
+                    Err(p) if p.errno == Errno::EAGAIN && resumed => break,
                     Err(p) if p.errno == Errno::EAGAIN && tries < 10_000 => {
                         done += p.done;
                         tries += 1;
                         std::thread::yield_now();
+                    }
+                    Err(p) if p.errno == Errno::EEXIST && resumed => {
+                        done += p.done;
+                        let gpa = region.memory.guest_address() + (start + done - region.start);
+                        let mut byte = [0u8; 1];
+                        if region.memory.read(gpa, &mut byte).is_ok() {
+                            return Err(Error::Config(format!(
+                                "guest page {gpa:#x} is journaled as poisoned but holds data in \
+                                 the VMM (its handler died between journaling the poison and \
+                                 installing the marker): the guest cannot be resumed safely"
+                            )));
+                        }
+                        done += ps;
                     }
                     Err(p) => {
                         let gpa =
@@ -1087,6 +1176,33 @@ impl Handler {
         self.started.load(Ordering::Acquire) && !self.closed.load(Ordering::Acquire)
     }
 
+    /// Keeps a removed-page journal at `path` (before [`start`](Self::start)): the ranges it
+    /// holds already (a predecessor's) are marked removed (they read zero on their next
+    /// access, except poisoned pages), and every REMOVE read from now on is appended.
+    pub fn set_removed_journal(&self, path: &Path) -> Result<()> {
+        if self.started.load(Ordering::Acquire) {
+            return Err(Error::Config(
+                "the removed-page journal must be set before Handler.start()".into(),
+            ));
+        }
+        let (journal, ranges) = RemovedJournal::open(path)?;
+        for (guest_address, len) in ranges {
+            self.shared.mark_removed_guest(guest_address, len);
+        }
+        self.shared
+            .removed
+            .set(journal)
+            .map_err(|_| Error::Config("the removed-page journal is set already".into()))
+    }
+
+    /// Stops serving and leaves the guest exactly as it is: still registered, nothing fenced,
+    /// so its threads wait for a successor that takes the uffd over (re-attach). Idempotent;
+    /// `close()` afterwards changes nothing more. Must not be called while holding the GIL.
+    pub fn detach(&self) {
+        self.shared.detached.store(true, Ordering::Release);
+        self.close();
+    }
+
     /// Stops the event loop, waits for its thread, and fences every page still missing (see
     /// [`Shared::fence_missing`]). Idempotent. Must not be called while holding the GIL.
     pub fn close(&self) {
@@ -1102,8 +1218,10 @@ impl Handler {
                 engine.close(true);
             }
         }
-        self.shared.fence_missing();
-        self.shared.unregister_all();
+        if !self.shared.detached.load(Ordering::Acquire) {
+            self.shared.fence_missing();
+            self.shared.unregister_all();
+        }
         for r in &self.shared.regions {
             r.memory.release();
         }

@@ -184,6 +184,11 @@ fn memories_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Arc<CoreMemory>>> {
 /// faults first. `prefetch_order` (guest addresses or `(guest_address, length)` ranges, such as
 /// a recorded `access_log()`) is brought in before anything else; with `prefetch=False` it is
 /// the only thing prefetched: a working-set restore.
+///
+/// `uffd` is a userfaultfd another program (a VMM) registered over `memory`; with `resumed`,
+/// one that an earlier handler served (taken back after it died: poison may already be
+/// installed and pages present). `removed_journal` keeps the pages the guest removed (balloon)
+/// in a file, for such a successor: the ranges it holds are treated as removed.
 #[pyclass(frozen, weakref, module = "pagewarden._native")]
 pub struct Handler {
     inner: CoreHandler,
@@ -358,7 +363,7 @@ impl Handler {
     /// until `start()`.
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None, policy = None, policy_timeout = 0.05, progress_interval = 1.0))]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None, policy = None, policy_timeout = 0.05, progress_interval = 1.0, resumed = false, removed_journal = None))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
@@ -374,15 +379,26 @@ impl Handler {
         policy: Option<&Bound<'_, PyAny>>,
         policy_timeout: f64,
         progress_interval: f64,
+        resumed: bool,
+        removed_journal: Option<PathBuf>,
     ) -> PyResult<Self> {
         let mut order = prefetch_order.map(ranges_of).transpose()?;
         let uffd = match uffd {
+            None if resumed => {
+                return Err(Error::Config(
+                    "resumed=True is for a uffd taken over from an earlier handler (uffd=)".into(),
+                ))
+                .py_err()
+            }
             None => None,
             Some(raw) => {
                 let fd = crate::sys::dup_raw_fd(raw)
                     .map_err(|e| Error::os(format!("uffd={raw}"), e))
                     .py_err()?;
-                Some(crate::uffd::Uffd::from_fd(fd, 0).py_err()?)
+                Some(crate::engine::ExternalUffd {
+                    uffd: crate::uffd::Uffd::from_fd(fd, 0).py_err()?,
+                    resumed,
+                })
             }
         };
         let memories = memories_of(memory)?;
@@ -472,6 +488,9 @@ impl Handler {
         }
         if record_access {
             inner.record_accesses().py_err()?;
+        }
+        if let Some(path) = removed_journal {
+            inner.set_removed_journal(&path).py_err()?;
         }
         if let Some((_, h)) = &hub {
             inner.set_policy_hub(h.clone());
@@ -683,6 +702,16 @@ impl Handler {
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let stopped = self.stop_dispatcher(py);
         py.detach(|| self.inner.close());
+        stopped?;
+        self.raise_policy_error(py)
+    }
+
+    /// Stops serving and leaves the guest as it is, for a successor that takes the uffd over
+    /// (re-attach): nothing is fenced, the memory stays registered, and threads that fault
+    /// wait. A planned restart; `close()` afterwards does nothing more.
+    fn detach(&self, py: Python<'_>) -> PyResult<()> {
+        let stopped = self.stop_dispatcher(py);
+        py.detach(|| self.inner.detach());
         stopped?;
         self.raise_policy_error(py)
     }

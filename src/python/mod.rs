@@ -14,6 +14,7 @@ mod serve;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use error::IntoPy;
 
 /// Returns the machine's userfaultfd capabilities as a dict: kernel release, the feature names
 /// UFFDIO_API offers, whether /dev/userfaultfd and userfaultfd(2) work for this process (or why
@@ -89,6 +90,26 @@ fn page_checksum(py: Python<'_>, data: &[u8]) -> PyResult<u64> {
     Ok(crate::sys::probe::checksum(data))
 }
 
+/// Takes the userfaultfd of process `pid` (which must have been started at `start_time`, in
+/// clock ticks since boot, when given) with pidfd_getfd: a new descriptor in this process,
+/// owned by the caller (close it). ConfigurationError when the process is gone, is another
+/// one, or holds no (or several) uffds; PagewardenError when the kernel refuses (permissions).
+#[pyfunction]
+#[pyo3(signature = (pid, start_time = None))]
+fn _take_uffd(py: Python<'_>, pid: i32, start_time: Option<u64>) -> PyResult<i32> {
+    use std::os::fd::IntoRawFd;
+    let fd = py
+        .detach(|| crate::reattach::take_uffd(pid, start_time))
+        .py_err()?;
+    Ok(fd.into_raw_fd())
+}
+
+/// The start time of process `pid` in clock ticks since boot (`/proc/PID/stat` field 22).
+#[pyfunction]
+fn _process_start_time(pid: i32) -> PyResult<u64> {
+    crate::reattach::process_start_time(pid).py_err()
+}
+
 /// The native core of pagewarden.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -105,6 +126,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(capabilities, m)?)?;
     m.add_function(wrap_pyfunction!(page_checksum, m)?)?;
     m.add_function(wrap_pyfunction!(_log_wait, m)?)?;
+    m.add_function(wrap_pyfunction!(_take_uffd, m)?)?;
+    m.add_function(wrap_pyfunction!(_process_start_time, m)?)?;
     bench::register(m)?;
     kvm::register(m)?;
     serve::register(m)?;

@@ -5,6 +5,7 @@
 pub mod abi;
 pub mod kvm;
 pub mod mapping;
+pub mod pidfd;
 pub mod probe;
 
 pub use abi::*;

@@ -116,6 +116,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "fenced instead (SIGBUS) (default: on)",
     )
     p.add_argument("--accept-timeout", type=float, default=None, help="seconds to wait for it")
+    g = p.add_argument_group("restarts (a handler that can die)")
+    g.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep what a successor needs here: started again with the same DIR while "
+        "Firecracker lives, pagewarden takes its uffd back and carries on; SIGTERM detaches "
+        "(the guest waits) instead of fencing",
+    )
+    g.add_argument(
+        "--abandon",
+        action="store_true",
+        help="with --state-dir: give the session's microVM up (take its uffd back, fence what "
+        "is missing, unregister) and exit",
+    )
     g = p.add_argument_group("pages from a page server")
     g.add_argument(
         "--source",
@@ -264,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         )
         offsets, gpas = _poison_options(args)
         access = _access(args)
+        if args.abandon and args.state_dir is None:
+            raise UsageProblem("--abandon needs --state-dir: the session to give up")
         if args.prefetch == "working-set" and args.prefetch_order is None:
             raise UsageProblem(
                 "--prefetch working-set needs --prefetch-order FILE (written by an earlier "
@@ -275,6 +291,11 @@ def run(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_LogFormat())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    if args.abandon:
+        from pagewarden.firecracker.serve import abandon
+
+        print(abandon(args.state_dir))
+        return 0
     _warn_about_this_host(offsets is not None or gpas is not None or args.source is not None)
     with contextlib.ExitStack() as stack:
         source = None
@@ -325,14 +346,16 @@ def run(args: argparse.Namespace) -> int:
                 record_access=args.record_access is not None,
                 kill_peer_on_error=args.kill_peer,
                 poison_journal=args.poison_journal,
+                state_dir=args.state_dir,
                 accept_timeout=args.accept_timeout,
                 on_ready=lambda: print(f"listening on {args.socket}", flush=True),
                 source=source,
             )
         except (pw.ConfigurationError, pw.GuestAddressError) as e:
-            if os.path.exists(args.socket):
-                raise
-            # Refused before the socket existed: Firecracker's connect fails, nothing hangs.
+            if getattr(e, "peer_stopped", None) is not None:
+                raise  # refused after Firecracker connected: exit 1
+            # Refused before anything listened (Firecracker's connect fails, nothing hangs), or
+            # a successor that will not take over (the guest keeps waiting).
             error(str(e.strerror or e))
             return 2
         if args.record_access is not None and result.access_log is not None:
@@ -341,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("recorded %d first faults in %s", len(result.access_log), args.record_access)
         st = result.stats
         print(
-            f"Firecracker pid {result.peer.pid} exited: {st.get('faults', 0)} faults, "
+            ("(re-attached) " if result.resumed else "")
+            + f"Firecracker pid {result.peer.pid} exited: {st.get('faults', 0)} faults, "
             f"{st.get('pages_prefetched', 0)} pages prefetched, "
             f"{st.get('pages_poisoned', 0)} poison markers installed"
             + (

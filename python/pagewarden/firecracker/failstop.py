@@ -48,6 +48,12 @@ def _poison(uffd: int, start: int, length: int) -> tuple[int, int]:
     return 0, length
 
 
+def wake(uffd: int, start: int, length: int) -> None:
+    """UFFDIO_WAKE over a range: threads whose faults there were read but never answered (by
+    a handler that died) fault again. Errors are ignored (a range already gone)."""
+    _wake(uffd, start, length)
+
+
 def _wake(uffd: int, start: int, length: int) -> None:
     with contextlib.suppress(OSError):
         fcntl.ioctl(uffd, UFFDIO_WAKE, struct.pack("QQ", start, length))
@@ -83,10 +89,10 @@ def _fence_fault(uffd: int, address: int, page_sizes: Sequence[int]) -> None:
 
 
 class PeerGuard:
-    """What a refusal needs to stop the peer: its pidfd (opened at accept), its connection and,
-    once received, its uffd and regions."""
+    """What a refusal needs to stop the peer: its pidfd (opened at accept), its connection (None
+    when a successor re-attached without one) and, once received, its uffd and regions."""
 
-    def __init__(self, conn: socket.socket, peer: PeerCredentials, kill: bool) -> None:
+    def __init__(self, conn: socket.socket | None, peer: PeerCredentials, kill: bool) -> None:
         self.conn = conn
         self.peer = peer
         self.kill_allowed = kill
@@ -145,18 +151,20 @@ class PeerGuard:
                 fence_range(uffd, r.base_host_virt_addr, r.size, r.page_size) for r in self.regions
             )
             log.info("fenced %d missing pages", fenced)
-        watched = [uffd, self.conn.fileno()]
+        conn = self.conn
+        watched = [uffd] if conn is None else [uffd, conn.fileno()]
         if self.pidfd is not None:
             watched.append(self.pidfd)
-        self.conn.setblocking(False)
+        if conn is not None:
+            conn.setblocking(False)
         # Faults on pages the guest dropped (balloon) or that no region named: poison each.
         while True:
             ready, _, _ = select.select(watched, [], [])
             if self.pidfd is not None and self.pidfd in ready:
                 return
-            if self.conn.fileno() in ready:
+            if conn is not None and conn.fileno() in ready:
                 try:
-                    if not self.conn.recv(4096):
+                    if not conn.recv(4096):
                         return  # the peer closed its end: it has exited
                 except BlockingIOError:
                     pass

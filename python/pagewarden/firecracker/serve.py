@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pagewarden as pw
-from pagewarden.firecracker.failstop import PeerGuard
+from pagewarden.firecracker import session
+from pagewarden.firecracker.failstop import PeerGuard, wake
 from pagewarden.firecracker.handshake import (
     GuestRegionMapping,
     PeerCredentials,
@@ -50,6 +51,8 @@ class ServeResult:
     poison: pw.PoisonSet | None = None
     access_log: list[int] | None = None
     """Memory-file offsets in the order of their first fault (with ``record_access``)."""
+    resumed: bool = False
+    """True when the microVM was taken over from an earlier handler (``state_dir``)."""
 
 
 def _kill(pid: int) -> None:
@@ -160,6 +163,7 @@ def serve(
     access: SocketAccess | None = None,
     prefetch_order: Iterable[int | tuple[int, int]] | None = None,
     record_access: bool = False,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> ServeResult:
     """Serves one Firecracker restore: listens on ``socket_path``, takes the handshake, serves
     every fault from ``memfile`` (poisoned pages with UFFDIO_POISON), handles balloon REMOVE
@@ -187,7 +191,15 @@ def serve(
     no permission), its memory is fenced (SIGBUS) until it exits; then the error is raised. A
     fatal error while serving (including a page server that stays unreachable longer than the
     source's ``give_up_after``) kills the peer (unless ``kill_peer_on_error`` is False, when its
-    missing pages are fenced) and is raised: the VM is never left running on zeros."""
+    missing pages are fenced) and is raised: the VM is never left running on zeros.
+
+    With ``state_dir`` (``pagewarden.firecracker.session``), what a successor needs is kept
+    there, and a handler that dies (SIGKILL, a crash) leaves the guest waiting instead of
+    fenced: started again with the same ``state_dir`` while Firecracker lives, ``serve`` takes
+    Firecracker's uffd back (pidfd_getfd), wakes the threads whose faults were read but never
+    answered, and carries on without listening (``ServeResult.resumed``). An interruption
+    (KeyboardInterrupt, or the CLI's SIGTERM) then detaches: the guest waits, the state stays.
+    If the saved Firecracker is gone, its state is cleaned up and ``serve`` listens anew."""
     order = None if prefetch_order is None else list(prefetch_order)
     mode = _prefetch_mode(prefetch, order)
     page_source, memfile_size, memory_name = _page_source(memfile, source)
@@ -200,6 +212,121 @@ def serve(
                 f"prefetch order range {start:#x}+{length:#x} is past the end of {memory_name} "
                 f"({memfile_size:#x} bytes)",
             )
+    state = None if state_dir is None else session.StateDir(state_dir)
+    if state is not None:
+        state.lock()
+        if poison_journal is None:
+            poison_journal = state.poison_journal
+    common = _Common(
+        page_source,
+        memfile if source is None else None,
+        memfile_size,
+        memory_name,
+        initial,
+        mode,
+        order,
+        record_access,
+        poison_journal,
+        kill_peer_on_error,
+        on_started,
+        state,
+    )
+    try:
+        if state is not None:
+            saved = state.load()
+            if saved is not None:
+                if _alive(saved):
+                    return _resume(saved, common)
+                log.warning(
+                    "the microVM of the saved session in %s (Firecracker pid %d) is gone: "
+                    "cleaning its state up",
+                    state.path,
+                    saved.peer_pid,
+                )
+            state.clear()
+        return _listen_and_serve(socket_path, access, accept_timeout, on_ready, translated, common)
+    finally:
+        if state is not None:
+            state.unlock()
+
+
+@dataclass
+class _Common:
+    """What serving one VM needs, fresh or resumed."""
+
+    page_source: pw.FileSource | pw.RemoteSource
+    memfile: str | os.PathLike[str] | None
+    memfile_size: int
+    memory_name: str
+    initial: pw.PoisonSet | None
+    mode: PrefetchMode
+    order: list[int | tuple[int, int]] | None
+    record_access: bool
+    poison_journal: str | os.PathLike[str] | None
+    kill: bool
+    on_started: Callable[[pw.Handler, ServeResult], None] | None
+    state: session.StateDir | None
+
+    def handler(
+        self, guard: PeerGuard, regions: list[GuestRegionMapping], uffd: int, resumed: bool
+    ) -> pw.Handler:
+        """The Handler for ``regions`` on ``uffd``."""
+        page_size = regions[0].page_size
+        memories = [
+            pw.GuestMemory.remote(
+                guard.peer.pid, r.base_host_virt_addr, r.size, r.page_size, guest_address=r.offset
+            )
+            for r in regions
+        ]
+        initial = self.initial
+        return pw.Handler(
+            memories,
+            self.page_source,
+            poison=initial if initial is not None else pw.PoisonSet(page_size=min(page_size, 4096)),
+            prefetch=self.mode == "all",
+            poison_journal=self.poison_journal,
+            uffd=uffd,
+            prefetch_order=self.order if self.mode != "none" else None,
+            record_access=self.record_access,
+            resumed=resumed,
+            removed_journal=None if self.state is None else self.state.removed_journal,
+        )
+
+    def memfile_path(self) -> str | None:
+        """The memory file's absolute path (None with a page server)."""
+        return None if self.memfile is None else os.path.abspath(self.memfile)
+
+
+_HELD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+_Mask = set[int | signal.Signals]
+
+
+def _hold_signals() -> _Mask:
+    """Holds SIGINT, SIGTERM and SIGHUP back from the creation of a Handler until ``_run``
+    has it in hand (``_run`` releases them): a Handler dropped before anything closes or
+    detaches it would be fenced, where a stop with a state directory must leave the guest
+    waiting. Returns the mask to restore."""
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+
+
+def _release_signals(mask: _Mask) -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _alive(saved: session.SessionState) -> bool:
+    return session.is_running(saved.peer_pid, saved.peer_start_time) and session.is_running(
+        saved.uffd_holder_pid, saved.uffd_holder_start_time
+    )
+
+
+def _listen_and_serve(
+    socket_path: str | os.PathLike[str],
+    access: SocketAccess | None,
+    accept_timeout: float | None,
+    on_ready: Callable[[], None] | None,
+    translated: GuestLayout | None,
+    common: _Common,
+) -> ServeResult:
     sock = listen(socket_path, access)
     try:
         if on_ready is not None:
@@ -215,33 +342,12 @@ def serve(
         with conn:
             peer = peer_credentials(conn)
             log.info("Firecracker connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
-            guard = PeerGuard(conn, peer, kill_peer_on_error)
+            guard = PeerGuard(conn, peer, common.kill)
             try:
-                handler, regions = _take_over(
-                    conn,
-                    guard,
-                    access or SocketAccess(),
-                    memfile_size,
-                    memory_name,
-                    translated,
-                    initial,
-                    page_source,
-                    mode,
-                    order,
-                    record_access,
-                    poison_journal,
+                handler, regions, mask = _take_over(
+                    conn, guard, access or SocketAccess(), translated, common
                 )
-                result = ServeResult(peer=peer, regions=regions)
-                with handler:
-                    handler.start()
-                    if on_started is not None:
-                        on_started(handler, result)
-                    _run_until_peer_exits(handler, peer, kill_peer_on_error)
-                    result.stats = handler.stats()
-                    result.poison = handler.poison_set()
-                    if record_access:
-                        result.access_log = handler.access_log()
-                return result
+                return _run(handler, guard, peer, regions, False, common, mask)
             finally:
                 guard.close()
     finally:
@@ -250,23 +356,136 @@ def serve(
             os.unlink(socket_path)
 
 
+def _resume(saved: session.SessionState, common: _Common) -> ServeResult:
+    """Takes a running microVM over from a handler that died or detached."""
+    state = common.state
+    assert state is not None
+    where = common.memfile_path()
+    if saved.memory_size != common.memfile_size or (
+        saved.memfile is not None and saved.memfile != where
+    ):
+        # The command names other memory than the VM's: refuse without touching the VM, which
+        # waits for a successor started correctly.
+        raise pw.ConfigurationError(
+            errno.EINVAL,
+            f"state directory {state.path} holds the session of Firecracker pid "
+            f"{saved.peer_pid} served from {saved.memfile or saved.source} "
+            f"({saved.memory_size:#x} bytes), not {common.memory_name} "
+            f"({common.memfile_size:#x} bytes): start the same command again, or --abandon",
+        )
+    peer = PeerCredentials(saved.peer_pid, saved.peer_uid, saved.peer_gid)
+    guard = PeerGuard(None, peer, common.kill)
+    try:
+        uffd = None
+        handler: pw.Handler | None = None
+        held = False
+        mask: _Mask = set()
+        try:
+            if not session.is_running(saved.peer_pid, saved.peer_start_time):
+                raise pw.ConfigurationError(
+                    errno.ESRCH, f"Firecracker pid {saved.peer_pid} exited meanwhile"
+                )
+            from pagewarden import _native
+
+            uffd = _native._take_uffd(saved.uffd_holder_pid, saved.uffd_holder_start_time)
+            guard.uffd, guard.regions = uffd, saved.regions
+            mask = _hold_signals()
+            held = True
+            handler = common.handler(guard, saved.regions, uffd, resumed=True)
+            # Threads whose faults the dead handler read but never answered sleep until their
+            # range is woken: they fault again, and this handler reads those faults.
+            for r in saved.regions:
+                wake(uffd, r.base_host_virt_addr, r.size)
+        except BaseException as e:
+            if held:
+                _release_signals(mask)
+            if not isinstance(e, Exception):
+                # Interrupted: the state stays, the guest waits for the next attempt.
+                if handler is not None:
+                    handler.detach()
+                raise
+            if handler is not None:
+                handler.close()
+            done = guard.fail_stop(str(e))
+            state.clear()
+            if isinstance(e, pw.PagewardenError):
+                raise _after_connect(e, done, "re-attach failed: ") from None
+            raise
+        finally:
+            if uffd is not None:
+                os.close(uffd)  # the handler holds its own duplicate
+        log.info(
+            "re-attached to Firecracker pid %d (left by handler pid %d): %d regions, %d MiB, "
+            "%d poisoned pages, prefetch %s",
+            saved.peer_pid,
+            saved.handler_pid,
+            len(saved.regions),
+            sum(r.size for r in saved.regions) >> 20,
+            len(handler.poison_set()),
+            common.mode,
+        )
+        return _run(handler, guard, peer, saved.regions, True, common, mask)
+    finally:
+        guard.close()
+
+
+def _run(
+    handler: pw.Handler,
+    guard: PeerGuard,
+    peer: PeerCredentials,
+    regions: list[GuestRegionMapping],
+    resumed: bool,
+    common: _Common,
+    mask: _Mask,
+) -> ServeResult:
+    """Serves until the peer exits. An interruption with a state directory detaches (the guest
+    waits for a successor); otherwise the handler closes (what is missing is fenced). Restores
+    the signal ``mask`` first thing inside its handling."""
+    detached = False
+    try:
+        _release_signals(mask)
+        result = ServeResult(peer=peer, regions=regions, resumed=resumed)
+        handler.start()
+        if common.on_started is not None:
+            common.on_started(handler, result)
+        _run_until_peer_exits(handler, guard.peer, common.kill)
+        result.stats = handler.stats()
+        result.poison = handler.poison_set()
+        if common.record_access:
+            result.access_log = handler.access_log()
+        return result
+    except BaseException as e:
+        if common.state is not None and not isinstance(e, Exception):
+            handler.detach()
+            detached = True
+            log.info(
+                "detached from Firecracker pid %d: it waits for a successor started with the "
+                "same --state-dir (%s)",
+                guard.peer.pid,
+                common.state.path,
+            )
+        raise
+    finally:
+        handler.close()
+        if common.state is not None and not detached:
+            common.state.clear()
+
+
 def _take_over(
     conn: socket.socket,
     guard: PeerGuard,
     access: SocketAccess,
-    memfile_size: int,
-    memory_name: str,
     translated: GuestLayout | None,
-    initial: pw.PoisonSet | None,
-    page_source: pw.FileSource | pw.RemoteSource,
-    mode: PrefetchMode,
-    order: list[int | tuple[int, int]] | None,
-    record_access: bool,
-    poison_journal: str | os.PathLike[str] | None,
-) -> tuple[pw.Handler, list[GuestRegionMapping]]:
-    """From an accepted connection to a Handler that owns the peer's uffd. Any exception on
-    the way (including KeyboardInterrupt) ends in the peer's fail-stop before it propagates."""
+    common: _Common,
+) -> tuple[pw.Handler, list[GuestRegionMapping], _Mask]:
+    """From an accepted connection to a Handler that owns the peer's uffd, returned with the
+    signal mask to restore once ``_run`` has it (``_hold_signals``). Any exception on the way
+    ends in the peer's fail-stop before it propagates, but an interruption after the state was
+    saved, which leaves the guest waiting for a successor."""
     message = None
+    saved = held = False
+    mask: _Mask = set()
+    handler = None
     try:
         # The message first, even from a peer that will be refused: its uffd is what fences
         # the peer when it cannot be killed.
@@ -276,47 +495,85 @@ def _take_over(
         if message.problem is not None:
             raise pw.ProtocolError(errno.EPROTO, f"Firecracker handshake: {message.problem}")
         uffd = message.fds[0]
-        regions = parse_regions(message.payload, memfile_size, memory_name)
+        regions = parse_regions(message.payload, common.memfile_size, common.memory_name)
         guard.regions = regions
         if translated is not None:
             translated.check_handshake([(r.offset, r.size) for r in regions])
-        page_size = regions[0].page_size
-        if initial is not None:
-            _check_covered(initial, regions)
-        memories = [
-            pw.GuestMemory.remote(
-                guard.peer.pid, r.base_host_virt_addr, r.size, r.page_size, guest_address=r.offset
-            )
-            for r in regions
-        ]
-        handler = pw.Handler(
-            memories,
-            page_source,
-            poison=initial if initial is not None else pw.PoisonSet(page_size=min(page_size, 4096)),
-            prefetch=mode == "all",
-            poison_journal=poison_journal,
-            uffd=uffd,
-            prefetch_order=order if mode != "none" else None,
-            record_access=record_access,
-        )
+        if common.initial is not None:
+            _check_covered(common.initial, regions)
+        if common.state is not None:
+            _save_session(common, guard, regions)
+            saved = True
+        mask = _hold_signals()
+        held = True
+        handler = common.handler(guard, regions, uffd, resumed=False)
         log.info(
             "serving %d regions (%d MiB, %d KiB pages), %d poisoned pages, prefetch %s",
             len(regions),
             sum(r.size for r in regions) >> 20,
-            page_size >> 10,
+            regions[0].page_size >> 10,
             # With a page server, its announced poison has joined the initial set.
             len(handler.poison_set()),
-            mode,
+            common.mode,
         )
-        return handler, regions
+        return handler, regions, mask
     except BaseException as e:
+        if held:
+            _release_signals(mask)
+        if saved and not isinstance(e, Exception):
+            # Interrupted (SIGTERM, Ctrl-C) after the state was written: a planned stop, so
+            # the guest waits for a successor, as it would a moment later.
+            if handler is not None:
+                handler.detach()
+            raise
+        if handler is not None:
+            handler.close()
         done = guard.fail_stop(str(e))
+        if common.state is not None:
+            common.state.clear()
         if isinstance(e, pw.PagewardenError):
-            raise type(e)(e.errno or errno.EPROTO, f"{e.strerror or e} ({done})") from None
+            raise _after_connect(e, done) from None
         raise
     finally:
         if message is not None:
             message.close()  # the handler holds its own duplicate of the uffd
+
+
+def _after_connect(e: pw.PagewardenError, done: str, prefix: str = "") -> pw.PagewardenError:
+    """``e`` with what the fail-stop did; its ``peer_stopped`` attribute says so (a refusal
+    after the peer connected, as opposed to one before anything listened)."""
+    refused = type(e)(e.errno or errno.EPROTO, f"{prefix}{e.strerror or e} ({done})")
+    refused.peer_stopped = done  # type: ignore[attr-defined]
+    return refused
+
+
+def _save_session(common: _Common, guard: PeerGuard, regions: list[GuestRegionMapping]) -> None:
+    """Writes what a successor needs, before anything is served (the pidfd opened at accept
+    pins the pid, so the start time read now is the peer's)."""
+    assert common.state is not None
+    peer = guard.peer
+    start = session.start_time_of(peer.pid)
+    if start is None:
+        raise pw.ConfigurationError(
+            errno.ESRCH, f"Firecracker pid {peer.pid} is not visible from here (pid namespace?)"
+        )
+    source = common.page_source
+    common.state.save(
+        session.SessionState(
+            peer_pid=peer.pid,
+            peer_start_time=start,
+            peer_uid=peer.uid,
+            peer_gid=peer.gid,
+            uffd_holder_pid=peer.pid,
+            uffd_holder_start_time=start,
+            regions=regions,
+            memfile=common.memfile_path(),
+            memory_size=common.memfile_size,
+            source=source.address if isinstance(source, pw.RemoteSource) else None,
+            prefetch=common.mode,
+            handler_pid=os.getpid(),
+        )
+    )
 
 
 def _check_covered(poison: pw.PoisonSet, regions: list[GuestRegionMapping]) -> None:
@@ -375,3 +632,59 @@ def _run_until_peer_exits(handler: pw.Handler, peer: PeerCredentials, kill: bool
                 watched = [pidfd]
     finally:
         os.close(pidfd)
+
+
+def abandon(state_dir: str | os.PathLike[str]) -> str:
+    """Gives up the microVM of a state directory the old way: takes its uffd back, fences every
+    page that is not present (each access: SIGBUS, never zeros), unregisters its memory and
+    forgets the session (the poison journal stays). Returns what was done, for a message.
+    ConfigurationError when another handler serves it."""
+    state = session.StateDir(state_dir)
+    state.lock()
+    try:
+        saved = state.load()
+        if saved is None:
+            return f"no session in {state.path}: nothing to abandon"
+        if not _alive(saved):
+            state.clear()
+            return (
+                f"Firecracker pid {saved.peer_pid} of the session in {state.path} is gone: "
+                "state cleaned up"
+            )
+        from pagewarden import _native
+
+        uffd = _native._take_uffd(saved.uffd_holder_pid, saved.uffd_holder_start_time)
+        try:
+            memories = [
+                pw.GuestMemory.remote(
+                    saved.peer_pid,
+                    r.base_host_virt_addr,
+                    r.size,
+                    r.page_size,
+                    guest_address=r.offset,
+                )
+                for r in saved.regions
+            ]
+            page_size = saved.regions[0].page_size
+            # Never started: closing it fences what is missing and unregisters, which also
+            # wakes threads left waiting on faults the dead handler had read.
+            handler = pw.Handler(
+                memories,
+                pw.ZeroSource(),
+                poison=pw.PoisonSet(page_size=min(page_size, 4096)),
+                prefetch=False,
+                poison_journal=state.poison_journal,
+                uffd=uffd,
+                resumed=True,
+                removed_journal=state.removed_journal,
+            )
+            handler.close()
+        finally:
+            os.close(uffd)
+        state.clear()
+        return (
+            f"abandoned Firecracker pid {saved.peer_pid}: its missing pages are fenced (SIGBUS) "
+            "and its memory unregistered"
+        )
+    finally:
+        state.unlock()
