@@ -19,11 +19,8 @@ use crate::sys::pidfd;
 /// the pid, it names one process, never a later one that reuses the number.
 pub fn process_start_time(pid: i32) -> Result<u64> {
     let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        Error::Config(format!(
-            "process {pid} is not running ({path}: {e})"
-        ))
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| Error::Config(format!("process {pid} is not running ({path}: {e})")))?;
     // The command name (field 2) is in parentheses and may hold spaces and ')': the fields
     // after it start after the last ')'.
     let rest = text
@@ -67,7 +64,11 @@ pub fn take_uffd(pid: i32, start_time: Option<u64>) -> Result<OwnedFd> {
     for entry in entries.flatten() {
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
         if target.as_os_str() == "anon_inode:[userfaultfd]" {
-            if let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+            if let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            {
                 found.push(fd);
             }
         }
@@ -116,7 +117,9 @@ impl RemovedJournal {
     /// Opens (or creates) the journal at `path`; returns it and the ranges it already holds, as
     /// `(guest_address, length)`. A torn last record (a write cut by a kill) is ignored.
     pub fn open(path: &Path) -> Result<(Self, Vec<(u64, u64)>)> {
-        let err = |what: String| Error::Config(format!("removed-page journal {}: {what}", path.display()));
+        let err = |what: String| {
+            Error::Config(format!("removed-page journal {}: {what}", path.display()))
+        };
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -124,11 +127,15 @@ impl RemovedJournal {
             .open(path)
             .map_err(|e| err(e.to_string()))?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| err(e.to_string()))?;
+        file.read_to_end(&mut bytes)
+            .map_err(|e| err(e.to_string()))?;
         let mut ranges = Vec::new();
         if bytes.is_empty() {
-            file.write_all(REMOVED_MAGIC).map_err(|e| err(e.to_string()))?;
-        } else if bytes.len() < REMOVED_MAGIC.len() || &bytes[..REMOVED_MAGIC.len()] != REMOVED_MAGIC {
+            file.write_all(REMOVED_MAGIC)
+                .map_err(|e| err(e.to_string()))?;
+        } else if bytes.len() < REMOVED_MAGIC.len()
+            || &bytes[..REMOVED_MAGIC.len()] != REMOVED_MAGIC
+        {
             return Err(err("not a pagewarden removed-page journal".into()));
         } else {
             let records = bytes[REMOVED_MAGIC.len()..].chunks_exact(16);
@@ -204,7 +211,10 @@ mod tests {
                 }
                 Err(e) => {
                     let e = e.to_string();
-                    assert!(e.contains("no userfaultfd") || e.contains("userfaultfds"), "{e}");
+                    assert!(
+                        e.contains("no userfaultfd") || e.contains("userfaultfds"),
+                        "{e}"
+                    );
                 }
             }
         }

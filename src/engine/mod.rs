@@ -173,7 +173,10 @@ impl Shared {
     pub(crate) fn mark_removed_guest(&self, guest_address: u64, len: u64) {
         for region in &self.regions {
             let base = region.memory.guest_address();
-            let (lo, hi) = (guest_address.max(base), (guest_address + len).min(base + region.memory.size()));
+            let (lo, hi) = (
+                guest_address.max(base),
+                (guest_address + len).min(base + region.memory.size()),
+            );
             if lo < hi {
                 self.mark_removed(region.start + (lo - base), region.start + (hi - base));
             }

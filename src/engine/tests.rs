@@ -321,3 +321,98 @@ fn three_handlers_share_one_engine_thread() {
     assert_eq!(engine.handlers(), 0);
     engine.close(true);
 }
+
+#[test]
+fn a_detached_handler_leaves_the_guest_to_a_resumed_successor() {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    use super::ExternalUffd;
+    use crate::sys;
+    use crate::uffd::Uffd;
+
+    if !uffd_usable() {
+        return;
+    }
+    let ps = 4096u64;
+    let pages = 64u64;
+    let bytes = image((pages * ps) as usize, 9);
+    // The "VMM": this process's own anonymous memory, registered on a uffd it keeps, served
+    // through duplicates of that uffd as Firecracker's is.
+    let local = Arc::new(GuestMemory::anonymous(pages * ps, 0).unwrap());
+    let uffd = Uffd::new(0, sys::UFFD_FEATURE_EVENT_REMOVE).unwrap();
+    uffd.register(
+        local.address(),
+        local.size(),
+        sys::UFFDIO_REGISTER_MODE_MISSING,
+    )
+    .unwrap();
+    let me = std::process::id() as i32;
+    let remote =
+        || Arc::new(GuestMemory::remote(me, local.address(), local.size(), ps, 0).unwrap());
+    let handed = |resumed| {
+        let fd = sys::dup_raw_fd(uffd.as_fd().as_raw_fd()).unwrap();
+        Some(ExternalUffd {
+            uffd: Uffd::from_fd(fd, 0).unwrap(),
+            resumed,
+        })
+    };
+    let poison = PoisonSet::from_addresses([5 * ps], ps).unwrap();
+    let config = HandlerConfig {
+        mode: Mode::Missing,
+        prefetch: false,
+    };
+    let dir = std::env::temp_dir().join(format!("pw-detach-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let removed = dir.join("removed.journal");
+    let _ = std::fs::remove_file(&removed);
+    let source = Arc::new(MemorySource::from_vec(bytes.clone()));
+
+    let first = Handler::with_uffd(
+        vec![remote()],
+        source.clone(),
+        &poison,
+        config,
+        None,
+        handed(false),
+    )
+    .unwrap();
+    first.set_removed_journal(&removed).unwrap();
+    first.start().unwrap();
+    let early: Vec<u64> = (0..16).map(|p| p * ps).collect();
+    touch(
+        &local,
+        Some(early),
+        1,
+        TouchOrder::Sequential,
+        TouchVia::Load,
+    )
+    .unwrap();
+    // The balloon takes page 3 back while the first handler runs: it is journaled.
+    local.drop_pages(3 * ps, ps).unwrap();
+    first.detach();
+    drop(first);
+
+    // Nothing was fenced and the memory is still registered: the successor serves the rest,
+    // tolerating the poison marker that is already there, and page 3 reads zero.
+    let second =
+        Handler::with_uffd(vec![remote()], source, &poison, config, None, handed(true)).unwrap();
+    second.set_removed_journal(&removed).unwrap();
+    assert_eq!(second.page_state(3 * ps), Some(PageState::Removed));
+    assert_eq!(second.page_state(5 * ps), Some(PageState::Poisoned));
+    second.start().unwrap();
+    let report = touch(&local, None, 2, TouchOrder::Random(7), TouchVia::Load).unwrap();
+    for (gpa, outcome) in report.outcomes {
+        let want = if gpa == 3 * ps {
+            PageOutcome::Data(checksum(&vec![0u8; ps as usize]))
+        } else {
+            PageOutcome::Data(checksum(&bytes[gpa as usize..(gpa + ps) as usize]))
+        };
+        if gpa == 5 * ps {
+            assert!(matches!(outcome, PageOutcome::Sigbus { .. }), "{outcome:?}");
+        } else {
+            assert_eq!(outcome, want, "page {gpa:#x}");
+        }
+    }
+    second.close();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

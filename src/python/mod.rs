@@ -12,9 +12,9 @@ mod poison;
 mod remote;
 mod serve;
 
+use error::IntoPy;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use error::IntoPy;
 
 /// Returns the machine's userfaultfd capabilities as a dict: kernel release, the feature names
 /// UFFDIO_API offers, whether /dev/userfaultfd and userfaultfd(2) work for this process (or why

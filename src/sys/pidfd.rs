@@ -46,7 +46,10 @@ mod tests {
         let a = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).unwrap();
         let b = std::fs::read_link(format!("/proc/self/fd/{}", copy.as_raw_fd())).unwrap();
         assert_eq!(a, b);
-        assert_eq!(pidfd_getfd(pidfd.as_fd(), 1 << 20).unwrap_err(), Errno::EBADF);
+        assert_eq!(
+            pidfd_getfd(pidfd.as_fd(), 1 << 20).unwrap_err(),
+            Errno::EBADF
+        );
         assert_eq!(pidfd_open(-5).unwrap_err(), Errno::EINVAL);
     }
 }
