@@ -192,6 +192,14 @@ def main() -> int:
             time.sleep(0.01)
 
     report: dict[str, object] = {"regions": [], "balloon": {}}
+    if args.wait_for:
+        # The first page touched after the wait, timed (CLOCK_MONOTONIC, comparable across
+        # processes): how long a vCPU stays blocked across a handler's restart.
+        probe = pw.GuestMemory.from_address(bases[0], sizes[0], page_size=ps, guest_address=0)
+        first = args.touch_first * ps
+        t0 = time.monotonic()
+        probe.touch(pages=[first])
+        report["first_touch"] = [t0, time.monotonic()]
     memories = [
         pw.GuestMemory.from_address(base, size, page_size=ps, guest_address=off)
         for base, size, off in zip(bases, sizes, offsets, strict=True)

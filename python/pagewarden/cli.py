@@ -361,26 +361,36 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for documentation and tests)."""
-    from pagewarden import demo
+# Commands that need neither demo nor bench: started by service managers, where a restart's
+# latency is a guest's wait.
+_LEAN_COMMANDS = ("firecracker", "serve")
 
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests). With ``only`` (a command
+    name) the commands whose modules are slow to import (demo, bench) are left out unless they
+    are that one: a successor that re-attaches to a waiting guest starts sooner."""
     parser = argparse.ArgumentParser(
         prog="pagewarden",
         description="Serve guest memory through userfaultfd; keep memory poison across moves.",
     )
     parser.add_argument("--version", action="version", version=f"pagewarden {pw.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("demo", help="a whole local post-copy, verified byte for byte")
-    demo.add_arguments(p)
-    p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser(
-        "bench", help="pagewarden against a C handler, a pure-Python handler and the kernel floor"
-    )
-    from pagewarden import bench
+    if only in (None, "demo"):
+        from pagewarden import demo
 
-    bench.add_arguments(p)
-    p.set_defaults(func=_cmd_bench)
+        p = sub.add_parser("demo", help="a whole local post-copy, verified byte for byte")
+        demo.add_arguments(p)
+        p.set_defaults(func=_cmd_demo)
+    if only in (None, "bench"):
+        from pagewarden import bench
+
+        p = sub.add_parser(
+            "bench",
+            help="pagewarden against a C handler, a pure-Python handler and the kernel floor",
+        )
+        bench.add_arguments(p)
+        p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("info", help="what this machine offers (userfaultfd, hugepages, KVM)")
     p.set_defaults(func=_cmd_info)
     from pagewarden import poison_tools
@@ -461,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    first = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(first if first in _LEAN_COMMANDS else None)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
