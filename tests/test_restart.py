@@ -114,7 +114,9 @@ def test_killed_at_random_moments_and_restarted(
                 second.kill()
                 stdout2, err2 = second.communicate()
                 pytest.fail(
-                    f"round {round_}: the successor did not exit: {err2}; double {double.returncode} {double_err}; first {first.returncode} {err1}"
+                    f"round {round_}: the successor did not exit: {err2}; the guest ended "
+                    f"{double.returncode} ({double_err}); the first handler {first.returncode} "
+                    f"({err1})"
                 )
             assert double.returncode == 0, (round_, delay, double_err, err2)
             assert second.returncode == 0, (round_, delay, err2)
