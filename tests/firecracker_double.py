@@ -104,6 +104,11 @@ def main() -> int:
     )
     p.add_argument("--memfile-size", type=int, default=0)
     p.add_argument(
+        "--close-uffd",
+        action="store_true",
+        help="close its own uffd after the handshake (a VMM that keeps no reference)",
+    )
+    p.add_argument(
         "--balloon-after",
         default="",
         metavar="PATH",
@@ -179,6 +184,8 @@ def main() -> int:
             time.sleep(0.02)
     ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
     sock.sendmsg([payload], ancillary if fds else [])
+    if args.close_uffd:
+        os.close(uffd)
     if args.touch_first:
         first = pw.GuestMemory.from_address(bases[0], sizes[0], page_size=ps, guest_address=0)
         first.touch(pages=[i * ps for i in range(args.touch_first)])

@@ -215,3 +215,64 @@ def test_state_dir_is_locked_and_a_mismatched_command_is_refused(
             if p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+@pytest.mark.parametrize("keeper", [False, True], ids=["no-keeper", "keeper"])
+def test_a_vmm_that_closes_its_uffd_needs_the_keeper(
+    uffd: None, tmp_path: Path, keeper: bool
+) -> None:
+    """A VMM that keeps no reference to its uffd after the handshake: when the handler dies,
+    the registration dies with it and unserved pages read as zeros (shown here, without a
+    keeper). With --keeper a keeper process holds the uffd, the guest waits, and a successor
+    takes the uffd from the keeper."""
+    pages = 256
+    image = make_image(pages * PAGE, seed=31)
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(image)
+    poison = tmp_path / "poison.json"
+    pw.PoisonSet([]).save(poison)
+    sock, state, out, go = (tmp_path / n for n in ("uffd.sock", "state", "out.json", "go"))
+    extra = ["--prefetch", "none", *(["--keeper"] if keeper else [])]
+    first = _handler(sock, memfile, state, poison, *extra)
+    double = subprocess.Popen(
+        [sys.executable, str(DOUBLE), str(sock), str(out), "--sizes", str(pages),
+         "--close-uffd", "--touch-first", "4", "--wait-for", str(go)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    second = None
+    try:
+        assert double.stdout is not None and double.stdout.readline().strip() == "waiting"
+        first.kill()
+        first.communicate()
+        saved = session.StateDir(state).load()
+        assert saved is not None
+        if keeper:
+            assert saved.uffd_holder_pid != saved.peer_pid
+            second = _handler(sock, memfile, state, poison, *extra)
+        go.touch()
+        _, err = double.communicate(timeout=60)
+        assert double.returncode == 0, err
+        checksums = json.loads(out.read_text())["regions"][0]["checksums"]
+        zero = pw.page_checksum(bytes(PAGE))
+        served = [
+            checksums[str(g)] == pw.page_checksum(image[g : g + PAGE])
+            for g in range(4 * PAGE, pages * PAGE, PAGE)
+        ]
+        if not keeper:
+            # The silent-zeros case the keeper exists for.
+            assert all(checksums[str(g)] == zero for g in range(4 * PAGE, pages * PAGE, PAGE))
+            return
+        assert second is not None
+        _, err2 = second.communicate(timeout=60)
+        assert second.returncode == 0 and "re-attached" in err2, err2
+        assert all(served), "pages with wrong bytes after the keeper's hand-over"
+        # The keeper ends with the VM it kept.
+        deadline = time.monotonic() + 10
+        while session.start_time_of(saved.uffd_holder_pid) == saved.uffd_holder_start_time:
+            assert time.monotonic() < deadline, "the keeper outlived its VM"
+            time.sleep(0.02)
+    finally:
+        for p in (first, double, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.communicate()

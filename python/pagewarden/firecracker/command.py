@@ -125,6 +125,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(the guest waits) instead of fencing",
     )
     g.add_argument(
+        "--keeper",
+        action="store_true",
+        help="with --state-dir: a keeper process holds the uffd too, for a VMM that closes its "
+        "own after the handshake (Firecracker keeps it; not needed there)",
+    )
+    g.add_argument(
         "--abandon",
         action="store_true",
         help="with --state-dir: give the session's microVM up (take its uffd back, fence what "
@@ -278,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
         )
         offsets, gpas = _poison_options(args)
         access = _access(args)
+        if args.keeper and args.state_dir is None:
+            raise UsageProblem("--keeper needs --state-dir: successors find the keeper there")
         if args.abandon and args.state_dir is None:
             raise UsageProblem("--abandon needs --state-dir: the session to give up")
         if args.prefetch == "working-set" and args.prefetch_order is None:
@@ -347,6 +355,7 @@ def run(args: argparse.Namespace) -> int:
                 kill_peer_on_error=args.kill_peer,
                 poison_journal=args.poison_journal,
                 state_dir=args.state_dir,
+                keeper=args.keeper,
                 accept_timeout=args.accept_timeout,
                 on_ready=lambda: print(f"listening on {args.socket}", flush=True),
                 source=source,

@@ -164,6 +164,7 @@ def serve(
     prefetch_order: Iterable[int | tuple[int, int]] | None = None,
     record_access: bool = False,
     state_dir: str | os.PathLike[str] | None = None,
+    keeper: bool = False,
 ) -> ServeResult:
     """Serves one Firecracker restore: listens on ``socket_path``, takes the handshake, serves
     every fault from ``memfile`` (poisoned pages with UFFDIO_POISON), handles balloon REMOVE
@@ -199,7 +200,10 @@ def serve(
     Firecracker's uffd back (pidfd_getfd), wakes the threads whose faults were read but never
     answered, and carries on without listening (``ServeResult.resumed``). An interruption
     (KeyboardInterrupt, or the CLI's SIGTERM) then detaches: the guest waits, the state stays.
-    If the saved Firecracker is gone, its state is cleaned up and ``serve`` listens anew."""
+    If the saved Firecracker is gone, its state is cleaned up and ``serve`` listens anew. With
+    ``keeper`` (for a VMM that closes its uffd after handing it over; Firecracker does not), a
+    keeper process (``pagewarden.keeper``) holds the uffd too, so that the registration outlives
+    the handler, and a successor takes the uffd from it."""
     order = None if prefetch_order is None else list(prefetch_order)
     mode = _prefetch_mode(prefetch, order)
     page_source, memfile_size, memory_name = _page_source(memfile, source)
@@ -230,6 +234,7 @@ def serve(
         kill_peer_on_error,
         on_started,
         state,
+        keeper,
     )
     try:
         if state is not None:
@@ -266,6 +271,7 @@ class _Common:
     kill: bool
     on_started: Callable[[pw.Handler, ServeResult], None] | None
     state: session.StateDir | None
+    keeper: bool
 
     def handler(
         self, guard: PeerGuard, regions: list[GuestRegionMapping], uffd: int, resumed: bool
@@ -502,7 +508,7 @@ def _take_over(
         if common.initial is not None:
             _check_covered(common.initial, regions)
         if common.state is not None:
-            _save_session(common, guard, regions)
+            _save_session(common, guard, regions, uffd)
             saved = True
         mask = _hold_signals()
         held = True
@@ -547,9 +553,12 @@ def _after_connect(e: pw.PagewardenError, done: str, prefix: str = "") -> pw.Pag
     return refused
 
 
-def _save_session(common: _Common, guard: PeerGuard, regions: list[GuestRegionMapping]) -> None:
+def _save_session(
+    common: _Common, guard: PeerGuard, regions: list[GuestRegionMapping], uffd: int
+) -> None:
     """Writes what a successor needs, before anything is served (the pidfd opened at accept
-    pins the pid, so the start time read now is the peer's)."""
+    pins the pid, so the start time read now is the peer's); starts the keeper first when
+    asked."""
     assert common.state is not None
     peer = guard.peer
     start = session.start_time_of(peer.pid)
@@ -558,14 +567,21 @@ def _save_session(common: _Common, guard: PeerGuard, regions: list[GuestRegionMa
             errno.ESRCH, f"Firecracker pid {peer.pid} is not visible from here (pid namespace?)"
         )
     source = common.page_source
+    holder, holder_start = peer.pid, start
+    if common.keeper:
+        from pagewarden.keeper import Keeper
+
+        kept = Keeper.start(uffd, peer.pid)
+        holder, holder_start = kept.pid, kept.start_time
+        log.info("uffd keeper pid %d holds the registration for successors", kept.pid)
     common.state.save(
         session.SessionState(
             peer_pid=peer.pid,
             peer_start_time=start,
             peer_uid=peer.uid,
             peer_gid=peer.gid,
-            uffd_holder_pid=peer.pid,
-            uffd_holder_start_time=start,
+            uffd_holder_pid=holder,
+            uffd_holder_start_time=holder_start,
             regions=regions,
             memfile=common.memfile_path(),
             memory_size=common.memfile_size,
