@@ -41,6 +41,8 @@ __all__ = [
     "_bench_touch",
     "_bench_touch_pages",
     "_log_wait",
+    "_process_start_time",
+    "_take_uffd",
     "capabilities",
     "kvm_check",
     "page_checksum",
