@@ -37,7 +37,7 @@ def one_run(work: Path, memfile: Path, pages: int) -> dict[str, float]:
     assert first.stdout is not None and first.stdout.readline().startswith("listening on")
     double = subprocess.Popen(
         [sys.executable, str(DOUBLE), str(sock), str(out), "--sizes", str(pages),
-         "--touch-first", "16", "--wait-for", str(go)],
+         "--touch-first", "16", "--wait-for", str(go), "--time-first-touch"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert double.stdout is not None and double.stdout.readline().strip() == "waiting"

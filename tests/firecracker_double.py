@@ -81,6 +81,18 @@ def create_uffd(regions: list[tuple[int, int]]) -> int:
     return int(uffd)
 
 
+def wait_for_file(path: str, timeout: float = 60) -> bool:
+    """Waits until ``path`` exists (the test's go signal); False, said on stderr, if it does
+    not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            print(f"{path} did not appear within {timeout:.0f} s", file=sys.stderr)
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("socket")
@@ -103,6 +115,11 @@ def main() -> int:
         ],
     )
     p.add_argument("--memfile-size", type=int, default=0)
+    p.add_argument(
+        "--time-first-touch",
+        action="store_true",
+        help="with --wait-for: touch page --touch-first first, alone, and report when",
+    )
     p.add_argument(
         "--close-uffd",
         action="store_true",
@@ -191,15 +208,11 @@ def main() -> int:
         first.touch(pages=[i * ps for i in range(args.touch_first)])
     if args.wait_for:
         print("waiting", flush=True)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(args.wait_for):
-            if time.monotonic() > deadline:
-                print(f"{args.wait_for} did not appear within 60 s", file=sys.stderr)
-                return 3
-            time.sleep(0.01)
+        if not wait_for_file(args.wait_for):
+            return 3
 
     report: dict[str, object] = {"regions": [], "balloon": {}}
-    if args.wait_for:
+    if args.wait_for and args.time_first_touch:
         # The first page touched after the wait, timed (CLOCK_MONOTONIC, comparable across
         # processes): how long a vCPU stays blocked across a handler's restart.
         probe = pw.GuestMemory.from_address(bases[0], sizes[0], page_size=ps, guest_address=0)
@@ -228,13 +241,8 @@ def main() -> int:
             }
         )
     balloon = [int(x) for x in args.balloon.split(",") if x]
-    if balloon and args.balloon_after:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(args.balloon_after):
-            if time.monotonic() > deadline:
-                print(f"{args.balloon_after} did not appear within 60 s", file=sys.stderr)
-                return 3
-            time.sleep(0.005)
+    if balloon and args.balloon_after and not wait_for_file(args.balloon_after):
+        return 3
     for gpa in balloon:
         mem = next(m for m in memories if m.guest_address <= gpa < m.guest_address + m.size)
         host = mem.host_address_of(gpa)

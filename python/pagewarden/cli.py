@@ -438,7 +438,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         default="4096",
         help="with --pid: the page size to serve (4096, or 0x200000 for hugetlb-backed memory)",
     )
-    p.add_argument("--poison", help="poison list: JSON poison file, journal or text list")
+    p.add_argument(
+        "--poison",
+        help="poison list of image offsets: JSON poison file, journal, or text list with an "
+        "`# address-space: image-offset` line",
+    )
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default 127.0.0.1:0)")
     p.add_argument("--token-file", help="file holding the shared token (at least 16 bytes)")
     p.add_argument(

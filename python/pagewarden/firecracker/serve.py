@@ -405,17 +405,10 @@ def _resume(saved: session.SessionState, common: _Common) -> ServeResult:
         except BaseException as e:
             if held:
                 _release_signals(mask)
-            if not isinstance(e, Exception):
-                # Interrupted: the state stays, the guest waits for the next attempt.
-                if handler is not None:
-                    handler.detach()
-                raise
-            if handler is not None:
-                handler.close()
-            done = guard.fail_stop(str(e))
-            state.clear()
-            if isinstance(e, pw.PagewardenError):
-                raise _after_connect(e, done, "re-attach failed: ") from None
+            # Interrupted: the state stays, the guest waits for the next attempt.
+            instead = _give_up(e, handler, guard, state, True, "re-attach failed: ")
+            if instead is not None:
+                raise instead from None
             raise
         finally:
             if uffd is not None:
@@ -526,23 +519,39 @@ def _take_over(
     except BaseException as e:
         if held:
             _release_signals(mask)
-        if saved and not isinstance(e, Exception):
-            # Interrupted (SIGTERM, Ctrl-C) after the state was written: a planned stop, so
-            # the guest waits for a successor, as it would a moment later.
-            if handler is not None:
-                handler.detach()
-            raise
-        if handler is not None:
-            handler.close()
-        done = guard.fail_stop(str(e))
-        if common.state is not None:
-            common.state.clear()
-        if isinstance(e, pw.PagewardenError):
-            raise _after_connect(e, done) from None
+        # Interrupted (SIGTERM, Ctrl-C) after the state was written: a planned stop, so the
+        # guest waits for a successor, as it would a moment later.
+        instead = _give_up(e, handler, guard, common.state, saved)
+        if instead is not None:
+            raise instead from None
         raise
     finally:
         if message is not None:
             message.close()  # the handler holds its own duplicate of the uffd
+
+
+def _give_up(
+    e: BaseException,
+    handler: pw.Handler | None,
+    guard: PeerGuard,
+    state: session.StateDir | None,
+    interruption_waits: bool,
+    prefix: str = "",
+) -> BaseException | None:
+    """Ends a take-over that ``e`` broke off. An interruption (not an Exception) leaves the
+    guest waiting for a successor when ``interruption_waits`` (the handler, if any, detaches);
+    anything else ends in the peer's fail-stop and forgets the session. Returns the exception to
+    raise instead of ``e`` (one that says what the fail-stop did), or None to raise ``e``."""
+    if interruption_waits and not isinstance(e, Exception):
+        if handler is not None:
+            handler.detach()
+        return None
+    if handler is not None:
+        handler.close()
+    done = guard.fail_stop(str(e))
+    if state is not None:
+        state.clear()
+    return _after_connect(e, done, prefix) if isinstance(e, pw.PagewardenError) else None
 
 
 def _after_connect(e: pw.PagewardenError, done: str, prefix: str = "") -> pw.PagewardenError:
