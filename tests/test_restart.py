@@ -276,3 +276,52 @@ def test_a_vmm_that_closes_its_uffd_needs_the_keeper(
             if p is not None and p.poll() is None:
                 p.kill()
                 p.communicate()
+
+
+def test_a_successor_with_a_page_server_reconnects_and_asks_again(
+    uffd: None, tmp_path: Path
+) -> None:
+    """A destination that re-attaches with --source connects to the page server anew and
+    asks for what is still missing, as after a network outage; the server's poison stays."""
+    pages = 128
+    image = make_image(pages * PAGE, seed=53)
+    memfile = tmp_path / "mem.snap"
+    memfile.write_bytes(image)
+    token = b"restart-test-token-0123456789abcdef"
+    token_file = tmp_path / "token"
+    token_file.write_bytes(token)
+    poisoned = [40 * PAGE]
+    sock, state, out, go = (tmp_path / n for n in ("uffd.sock", "state", "out.json", "go"))
+    with pw.serve(str(memfile), poison=pw.PoisonSet(poisoned), token=token) as server:
+        assert server.address is not None
+        host, port = server.address
+        cmd = ["firecracker", str(sock), "-", "--source", f"{host}:{port}", "--token-file",
+               str(token_file), "--state-dir", str(state), "--prefetch", "none"]  # fmt: skip
+        first = pagewarden_process(*cmd)
+        double = subprocess.Popen(
+            [sys.executable, str(DOUBLE), str(sock), str(out), "--sizes", str(pages),
+             "--touch-first", "8", "--wait-for", str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        second = None
+        try:
+            assert double.stdout is not None and double.stdout.readline().strip() == "waiting"
+            first.kill()
+            first.communicate()
+            second = pagewarden_process(*cmd)
+            go.touch()
+            _, err = double.communicate(timeout=60)
+            assert double.returncode == 0, err
+            stdout, err2 = second.communicate(timeout=60)
+            assert second.returncode == 0 and "re-attached" in err2, err2
+            assert f"from {host}:{port}" in stdout
+        finally:
+            for p in (first, double, second):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.communicate()
+    (region,) = json.loads(out.read_text())["regions"]
+    assert [g for g, _, _ in region["sigbus"]] == poisoned
+    for g in range(0, pages * PAGE, PAGE):
+        if g not in poisoned:
+            assert region["checksums"][str(g)] == pw.page_checksum(image[g : g + PAGE])
