@@ -204,6 +204,56 @@ def serve(
     ``keeper`` (for a VMM that closes its uffd after handing it over; Firecracker does not), a
     keeper process (``pagewarden.keeper``) holds the uffd too, so that the registration outlives
     the handler, and a successor takes the uffd from it."""
+    state = None if state_dir is None else session.StateDir(state_dir)
+    common, translated = prepare(
+        memfile,
+        source,
+        poison=poison,
+        poison_gpa=poison_gpa,
+        layout=layout,
+        prefetch=prefetch,
+        prefetch_order=prefetch_order,
+        record_access=record_access,
+        poison_journal=poison_journal,
+        kill_peer_on_error=kill_peer_on_error,
+        on_started=on_started,
+        state=state,
+        keeper=keeper,
+    )
+    if state is not None:
+        state.lock()
+    try:
+        saved = saved_session(common)
+        if saved is not None:
+            return _resume(saved, common)
+        return _listen_and_serve(socket_path, access, accept_timeout, on_ready, translated, common)
+    finally:
+        if state is not None:
+            state.unlock()
+
+
+def prepare(
+    memfile: str | os.PathLike[str] | None,
+    source: pw.RemoteSource | None,
+    *,
+    poison: pw.PoisonSet | None = None,
+    poison_gpa: pw.PoisonSet | None = None,
+    layout: str = DEFAULT_FAMILY,
+    prefetch: bool | PrefetchMode = True,
+    prefetch_order: Iterable[int | tuple[int, int]] | None = None,
+    record_access: bool = False,
+    poison_journal: str | os.PathLike[str] | None = None,
+    kill_peer_on_error: bool = True,
+    on_started: Callable[[pw.Handler, ServeResult], None] | None = None,
+    state: session.StateDir | None = None,
+    keeper: bool = False,
+    engine: pw.Engine | None = None,
+    handshake_timeout: float = 10.0,
+) -> tuple[_Common, GuestLayout | None]:
+    """Everything about one restore that can be checked before Firecracker connects (the
+    memory, the poison and its translation, the prefetch order): raises ConfigurationError or
+    GuestAddressError on a problem. Returns what serving needs and the layout guest-physical
+    poison was translated with (to be checked against the handshake)."""
     order = None if prefetch_order is None else list(prefetch_order)
     mode = _prefetch_mode(prefetch, order)
     page_source, memfile_size, memory_name = _page_source(memfile, source)
@@ -216,11 +266,8 @@ def serve(
                 f"prefetch order range {start:#x}+{length:#x} is past the end of {memory_name} "
                 f"({memfile_size:#x} bytes)",
             )
-    state = None if state_dir is None else session.StateDir(state_dir)
-    if state is not None:
-        state.lock()
-        if poison_journal is None:
-            poison_journal = state.poison_journal
+    if state is not None and poison_journal is None:
+        poison_journal = state.poison_journal
     common = _Common(
         page_source,
         memfile if source is None else None,
@@ -235,24 +282,30 @@ def serve(
         on_started,
         state,
         keeper,
+        engine,
+        handshake_timeout,
     )
-    try:
-        if state is not None:
-            saved = state.load()
-            if saved is not None:
-                if _alive(saved):
-                    return _resume(saved, common)
-                log.warning(
-                    "the microVM of the saved session in %s (Firecracker pid %d) is gone: "
-                    "cleaning its state up",
-                    state.path,
-                    saved.peer_pid,
-                )
-            state.clear()
-        return _listen_and_serve(socket_path, access, accept_timeout, on_ready, translated, common)
-    finally:
-        if state is not None:
-            state.unlock()
+    return common, translated
+
+
+def saved_session(common: _Common) -> session.SessionState | None:
+    """The session of ``common``'s state directory whose Firecracker still runs, to re-attach
+    to; a session whose Firecracker is gone is cleaned up (and None returned)."""
+    state = common.state
+    if state is None:
+        return None
+    saved = state.load()
+    if saved is not None:
+        if _alive(saved):
+            return saved
+        log.warning(
+            "the microVM of the saved session in %s (Firecracker pid %d) is gone: "
+            "cleaning its state up",
+            state.path,
+            saved.peer_pid,
+        )
+    state.clear()
+    return None
 
 
 @dataclass
@@ -272,6 +325,8 @@ class _Common:
     on_started: Callable[[pw.Handler, ServeResult], None] | None
     state: session.StateDir | None
     keeper: bool
+    engine: pw.Engine | None
+    handshake_timeout: float
 
     def handler(
         self, guard: PeerGuard, regions: list[GuestRegionMapping], uffd: int, resumed: bool
@@ -296,6 +351,7 @@ class _Common:
             record_access=self.record_access,
             resumed=resumed,
             removed_journal=None if self.state is None else self.state.removed_journal,
+            engine=self.engine,
         )
 
     def memfile_path(self) -> str | None:
@@ -315,7 +371,8 @@ def _hold_signals() -> _Mask:
     return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
 
 
-def _release_signals(mask: _Mask) -> None:
+def release_signals(mask: _Mask) -> None:
+    """Restores the signal mask ``_hold_signals`` returned (pending signals are taken now)."""
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
@@ -350,7 +407,7 @@ def _listen_and_serve(
             log.info("Firecracker connected: pid %d uid %d gid %d", peer.pid, peer.uid, peer.gid)
             guard = PeerGuard(conn, peer, common.kill)
             try:
-                handler, regions, mask = _take_over(
+                handler, regions, mask = take_over(
                     conn, guard, access or SocketAccess(), translated, common
                 )
                 return _run(handler, guard, peer, regions, False, common, mask)
@@ -363,7 +420,22 @@ def _listen_and_serve(
 
 
 def _resume(saved: session.SessionState, common: _Common) -> ServeResult:
-    """Takes a running microVM over from a handler that died or detached."""
+    """Takes a running microVM over from a handler that died or detached, and serves it."""
+    handler, guard, mask = reattach(saved, common)
+    try:
+        return _run(handler, guard, guard.peer, saved.regions, True, common, mask)
+    finally:
+        guard.close()
+
+
+def reattach(
+    saved: session.SessionState, common: _Common
+) -> tuple[pw.Handler, PeerGuard, _Mask]:
+    """Takes the uffd of a running microVM back from the process that holds it, builds its
+    Handler (not started) and wakes the faults a dead handler had read. Returns it with the
+    peer's guard (the caller closes it) and the signal mask to restore once the handler is in
+    hand (``release_signals``). A failure ends in the peer's fail-stop, an interruption leaves
+    it waiting; a command that names other memory is refused without touching it."""
     state = common.state
     assert state is not None
     where = common.memfile_path()
@@ -381,51 +453,49 @@ def _resume(saved: session.SessionState, common: _Common) -> ServeResult:
         )
     peer = PeerCredentials(saved.peer_pid, saved.peer_uid, saved.peer_gid)
     guard = PeerGuard(None, peer, common.kill)
+    uffd = None
+    handler: pw.Handler | None = None
+    held = False
+    mask: _Mask = set()
     try:
-        uffd = None
-        handler: pw.Handler | None = None
-        held = False
-        mask: _Mask = set()
-        try:
-            if not session.is_running(saved.peer_pid, saved.peer_start_time):
-                raise pw.ConfigurationError(
-                    errno.ESRCH, f"Firecracker pid {saved.peer_pid} exited meanwhile"
-                )
-            from pagewarden import _native
+        if not session.is_running(saved.peer_pid, saved.peer_start_time):
+            raise pw.ConfigurationError(
+                errno.ESRCH, f"Firecracker pid {saved.peer_pid} exited meanwhile"
+            )
+        from pagewarden import _native
 
-            uffd = _native._take_uffd(saved.uffd_holder_pid, saved.uffd_holder_start_time)
-            guard.uffd, guard.regions = uffd, saved.regions
-            mask = _hold_signals()
-            held = True
-            handler = common.handler(guard, saved.regions, uffd, resumed=True)
-            # Threads whose faults the dead handler read but never answered sleep until their
-            # range is woken: they fault again, and this handler reads those faults.
-            for r in saved.regions:
-                wake(uffd, r.base_host_virt_addr, r.size)
-        except BaseException as e:
-            if held:
-                _release_signals(mask)
-            # Interrupted: the state stays, the guest waits for the next attempt.
-            instead = _give_up(e, handler, guard, state, True, "re-attach failed: ")
-            if instead is not None:
-                raise instead from None
-            raise
-        finally:
-            if uffd is not None:
-                os.close(uffd)  # the handler holds its own duplicate
-        log.info(
-            "re-attached to Firecracker pid %d (left by handler pid %d): %d regions, %d MiB, "
-            "%d poisoned pages, prefetch %s",
-            saved.peer_pid,
-            saved.handler_pid,
-            len(saved.regions),
-            sum(r.size for r in saved.regions) >> 20,
-            len(handler.poison_set()),
-            common.mode,
-        )
-        return _run(handler, guard, peer, saved.regions, True, common, mask)
-    finally:
+        uffd = _native._take_uffd(saved.uffd_holder_pid, saved.uffd_holder_start_time)
+        guard.uffd, guard.regions = uffd, saved.regions
+        mask = _hold_signals()
+        held = True
+        handler = common.handler(guard, saved.regions, uffd, resumed=True)
+        # Threads whose faults the dead handler read but never answered sleep until their
+        # range is woken: they fault again, and this handler reads those faults.
+        for r in saved.regions:
+            wake(uffd, r.base_host_virt_addr, r.size)
+    except BaseException as e:
+        if held:
+            release_signals(mask)
+        # Interrupted: the state stays, the guest waits for the next attempt.
+        instead = _give_up(e, handler, guard, state, True, "re-attach failed: ")
         guard.close()
+        if instead is not None:
+            raise instead from None
+        raise
+    finally:
+        if uffd is not None:
+            os.close(uffd)  # the handler holds its own duplicate
+    log.info(
+        "re-attached to Firecracker pid %d (left by handler pid %d): %d regions, %d MiB, "
+        "%d poisoned pages, prefetch %s",
+        saved.peer_pid,
+        saved.handler_pid,
+        len(saved.regions),
+        sum(r.size for r in saved.regions) >> 20,
+        len(handler.poison_set()),
+        common.mode,
+    )
+    return handler, guard, mask
 
 
 def _run(
@@ -442,7 +512,7 @@ def _run(
     the signal ``mask`` first thing inside its handling."""
     detached = False
     try:
-        _release_signals(mask)
+        release_signals(mask)
         result = ServeResult(peer=peer, regions=regions, resumed=resumed)
         handler.start()
         if common.on_started is not None:
@@ -470,7 +540,7 @@ def _run(
             common.state.clear()
 
 
-def _take_over(
+def take_over(
     conn: socket.socket,
     guard: PeerGuard,
     access: SocketAccess,
@@ -488,7 +558,7 @@ def _take_over(
     try:
         # The message first, even from a peer that will be refused: its uffd is what fences
         # the peer when it cannot be killed.
-        message = receive_message(conn)
+        message = receive_message(conn, common.handshake_timeout)
         guard.uffd = message.uffd()
         access.check_peer(guard.peer)
         if message.problem is not None:
@@ -518,7 +588,7 @@ def _take_over(
         return handler, regions, mask
     except BaseException as e:
         if held:
-            _release_signals(mask)
+            release_signals(mask)
         # Interrupted (SIGTERM, Ctrl-C) after the state was written: a planned stop, so the
         # guest waits for a successor, as it would a moment later.
         instead = _give_up(e, handler, guard, common.state, saved)
