@@ -84,6 +84,12 @@ def _read_token(path: str, remedy: str | None = None) -> bytes:
     return token
 
 
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    from pagewarden.daemon import command
+
+    return command.run(args)
+
+
 def _cmd_firecracker(args: argparse.Namespace) -> int:
     from pagewarden.firecracker import command
 
@@ -363,7 +369,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 # Commands that need neither demo nor bench: started by service managers, where a restart's
 # latency is a guest's wait.
-_LEAN_COMMANDS = ("firecracker", "serve")
+_LEAN_COMMANDS = ("firecracker", "serve", "daemon")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -409,6 +415,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     firecracker_command.add_arguments(p)
     p.set_defaults(func=_cmd_firecracker)
+    p = sub.add_parser(
+        "daemon",
+        help="one daemon for every microVM on a host: sessions over an HTTP API, metrics",
+        description="Serve the Firecracker restores of a host from one process: sessions are "
+        "created over HTTP/1.1 with JSON on a Unix socket (PUT /sessions/NAME), their faults "
+        "resolved on one shared engine; per-session Prometheus metrics with --metrics. "
+        "See docs/daemon.md.",
+    )
+    from pagewarden.daemon import command as daemon_command
+
+    daemon_command.add_arguments(p)
+    p.set_defaults(func=_cmd_daemon)
     p = sub.add_parser(
         "serve",
         help="serve guest memory to post-copy destinations (the source host's page server)",

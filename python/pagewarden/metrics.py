@@ -12,7 +12,7 @@ state, and the log2 latency histogram a Prometheus histogram in seconds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 try:
@@ -59,23 +59,45 @@ COUNTERS: dict[str, str] = {
 
 
 class HandlerCollector(Collector):
-    """Exports the stats of one or more handlers, labelled ``vm``."""
+    """Exports the stats of one or more handlers, labelled ``vm`` (or ``label``).
 
-    def __init__(self, handlers: Mapping[str, pw.Handler] | pw.Handler, vm: str = "vm") -> None:
-        self.handlers: dict[str, pw.Handler] = (
-            {vm: handlers} if isinstance(handlers, pw.Handler) else dict(handlers)
-        )
+    ``handlers`` is a Handler (named ``vm``), a mapping of names to handlers (copied), or a
+    function that returns the current mapping at every scrape (a daemon whose VMs come and go).
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, pw.Handler] | pw.Handler | Callable[[], Mapping[str, pw.Handler]],
+        vm: str = "vm",
+        label: str = "vm",
+    ) -> None:
+        self.label = label
+        self._source: Callable[[], Mapping[str, pw.Handler]] | None = None
+        self.handlers: dict[str, pw.Handler] = {}
+        if isinstance(handlers, pw.Handler):
+            self.handlers = {vm: handlers}
+        elif callable(handlers):
+            self._source = handlers
+        else:
+            self.handlers = dict(handlers)
 
     def collect(self) -> Iterator[Metric]:
         """Called by the registry at scrape time."""
-        stats: dict[str, dict[str, Any]] = {vm: h.stats() for vm, h in self.handlers.items()}
+        handlers = self.handlers if self._source is None else self._source()
+        stats: dict[str, dict[str, Any]] = {}
+        for vm, h in handlers.items():
+            try:
+                stats[vm] = h.stats()
+            except pw.PagewardenError:
+                continue  # closed between the listing and the scrape
+        label = self.label
         for name, help_text in COUNTERS.items():
-            family = CounterMetricFamily(f"pagewarden_{name}", help_text, labels=["vm"])
+            family = CounterMetricFamily(f"pagewarden_{name}", help_text, labels=[label])
             for vm, st in stats.items():
                 family.add_metric([vm], float(st.get(name, 0)))
             yield family
         pages = GaugeMetricFamily(
-            "pagewarden_pages", "Guest pages by state.", labels=["vm", "state"]
+            "pagewarden_pages", "Guest pages by state.", labels=[label, "state"]
         )
         for vm, st in stats.items():
             pages.add_metric([vm, "total"], float(st["pages_total"]))
@@ -85,7 +107,7 @@ class HandlerCollector(Collector):
         latency = HistogramMetricFamily(
             "pagewarden_fault_latency_seconds",
             "Fault latency, from reading the message to the resolving ioctl's return.",
-            labels=["vm"],
+            labels=[label],
         )
         for vm, st in stats.items():
             buckets: list[tuple[str, float]] = []

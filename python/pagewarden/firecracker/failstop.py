@@ -22,8 +22,10 @@ import select
 import signal
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 
+from pagewarden._quiet import start_quietly
 from pagewarden.firecracker.handshake import GuestRegionMapping, PeerCredentials
 
 log = logging.getLogger("pagewarden.firecracker")
@@ -99,6 +101,9 @@ class PeerGuard:
         self.uffd: int | None = None
         self.regions: list[GuestRegionMapping] | None = None
         self.pidfd: int | None = None
+        #: Fence on a thread of its own (a daemon serving many VMs from one thread) instead of
+        #: in ``fail_stop`` until the peer exits.
+        self.fence_in_background = False
         if peer.pid > 0:
             with contextlib.suppress(OSError):
                 self.pidfd = os.pidfd_open(peer.pid)
@@ -126,8 +131,35 @@ class PeerGuard:
             )
             return f"{who} could not be killed and sent no uffd to fence: kill it"
         log.error("refused %s: %s; fencing its memory (every access: SIGBUS)", who, reason)
+        if self.fence_in_background:
+            self._fence_on_a_thread()
+            return f"{who}'s memory is fenced (SIGBUS on every missing page) until it exits"
         self._fence_until_exit()
         return f"{who}'s memory was fenced (SIGBUS on every missing page) until it exited"
+
+    def _fence_on_a_thread(self) -> None:
+        """The fence on a thread that owns duplicates of the descriptors it watches."""
+        assert self.uffd is not None
+        fence = PeerGuard.__new__(PeerGuard)
+        fence.peer = self.peer
+        fence.kill_allowed = False
+        fence.fence_in_background = False
+        fence.regions = self.regions
+        fence.uffd = os.dup(self.uffd)
+        fence.pidfd = None if self.pidfd is None else os.dup(self.pidfd)
+        fence.conn = None if self.conn is None else self.conn.dup()
+
+        def run() -> None:
+            try:
+                fence._fence_until_exit()
+            finally:
+                assert fence.uffd is not None
+                os.close(fence.uffd)
+                fence.close()
+                if fence.conn is not None:
+                    fence.conn.close()
+
+        start_quietly(threading.Thread(target=run, name="pagewarden-fence", daemon=True))
 
     def _kill(self) -> bool:
         if self.pidfd is None:

@@ -428,9 +428,7 @@ def _resume(saved: session.SessionState, common: _Common) -> ServeResult:
         guard.close()
 
 
-def reattach(
-    saved: session.SessionState, common: _Common
-) -> tuple[pw.Handler, PeerGuard, _Mask]:
+def reattach(saved: session.SessionState, common: _Common) -> tuple[pw.Handler, PeerGuard, _Mask]:
     """Takes the uffd of a running microVM back from the process that holds it, builds its
     Handler (not started) and wakes the faults a dead handler had read. Returns it with the
     peer's guard (the caller closes it) and the signal mask to restore once the handler is in
