@@ -238,6 +238,8 @@ def main() -> int:
             {
                 "checksums": {str(k): v for k, v in r.checksums.items()},
                 "sigbus": [[g, a - mem.address, c] for g, a, c in r.sigbus],
+                "latency_dist_us_log2": r.latency_dist_us_log2,
+                "elapsed_s": r.elapsed_s,
             }
         )
     balloon = [int(x) for x in args.balloon.split(",") if x]

@@ -1,0 +1,212 @@
+"""Many concurrent restores of one snapshot: one `pagewarden daemon` against one handler process
+per microVM (`pagewarden firecracker`, and Firecracker's example handler when its binary is
+given). Each microVM is the Firecracker double (tests/firecracker_double.py), whose two threads
+read all its memory; all are released at once. Measured per way: the time until every microVM
+has read all its memory, the p99 of the guests' page-touch latency (a fault's wait, seen from the
+guest), and the handlers' threads and memory (RSS, at the peak).
+
+Run as root: ``python benches/daemon.py [--vms 64] [--mib 16] [--example PATH]``. Takes
+``/tmp/pagewarden-timing.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DOUBLE = Path(__file__).resolve().parent.parent / "tests" / "firecracker_double.py"
+PAGE = 4096
+
+
+def _api(sock: Path, method: str, path: str, body: Any) -> int:
+    data = json.dumps(body).encode()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
+            f"Connection: close\r\n\r\n".encode()
+            + data
+        )
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return int(reply.split(b" ", 2)[1])
+
+
+def _tree(pids: list[int]) -> tuple[int, int]:
+    """Threads and RSS (KiB) of these processes."""
+    threads = rss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("Threads:"):
+                    threads += int(line.split()[1])
+                elif line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+        except OSError:
+            pass
+    return threads, rss
+
+
+def _p99(hist: list[int]) -> float:
+    total = sum(hist)
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= 0.99 * total:
+            return float(2 ** (i + 1))
+    return float("nan")
+
+
+def run_way(
+    way: str, vms: int, mib: int, memfile: Path, work: Path, example: str | None, prefetch: str
+) -> dict[str, float]:
+    pages = mib * 256
+    go = work / "go"
+    handlers: list[subprocess.Popen[bytes]] = []
+    socks = [work / f"vm{i}.sock" for i in range(vms)]
+    if way == "daemon":
+        api = work / "api.sock"
+        d = subprocess.Popen(
+            [sys.executable, "-m", "pagewarden", "daemon", "--api-sock", str(api),
+             "--engine-threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert d.stdout is not None and d.stdout.readline().startswith(b"api on")
+        handlers.append(d)
+        for i, sock in enumerate(socks):
+            body = {"uffd_socket": str(sock), "mem_file": str(memfile), "prefetch": prefetch}
+            assert _api(api, "PUT", f"/sessions/vm{i}", body) == 201
+    else:
+        for sock in socks:
+            cmd = (
+                [example, str(sock), str(memfile)]
+                if way == "example"
+                else [
+                    sys.executable,
+                    "-m",
+                    "pagewarden",
+                    "firecracker",
+                    str(sock),
+                    str(memfile),
+                    "--prefetch",
+                    prefetch,
+                ]
+            )
+            handlers.append(
+                subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        deadline = time.monotonic() + 60
+        while not all(s.exists() for s in socks):
+            assert time.monotonic() < deadline, "a handler did not listen"
+            time.sleep(0.01)
+    doubles = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(DOUBLE),
+                str(sock),
+                str(work / f"out{i}.json"),
+                "--sizes",
+                str(pages),
+                "--wait-for",
+                str(go),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i, sock in enumerate(socks)
+    ]
+    for d in doubles:
+        assert d.stdout is not None and d.stdout.readline().strip() == b"waiting"
+    peak = [0, 0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            threads, rss = _tree([h.pid for h in handlers])
+            peak[0], peak[1] = max(peak[0], threads), max(peak[1], rss)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    started = time.monotonic()
+    go.touch()
+    for d in doubles:
+        _, err = d.communicate(timeout=600)
+        assert d.returncode == 0, err
+    elapsed = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    hist = [0] * 40
+    for i in range(vms):
+        for region in json.loads((work / f"out{i}.json").read_text())["regions"]:
+            for b, n in enumerate(region["latency_dist_us_log2"]):
+                hist[b] += n
+    for h in handlers:
+        if h.poll() is None:
+            h.send_signal(signal.SIGTERM)
+    for h in handlers:
+        try:
+            h.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            h.kill()
+            h.wait()
+    return {
+        "all_read_s": elapsed,
+        "touch_p99_us": _p99(hist),
+        "threads": peak[0],
+        "rss_mib": peak[1] / 1024,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vms", type=int, default=64)
+    p.add_argument("--mib", type=int, default=16, help="guest memory per microVM")
+    p.add_argument("--example", help="Firecracker's uffd_on_demand_handler binary, as a third way")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument(
+        "--prefetch", choices=("all", "none"), default="all", help="pagewarden's prefetch (all)"
+    )
+    args = p.parse_args()
+    ways = ["daemon", "processes"] + (["example"] if args.example else [])
+    results: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
+    with open("/tmp/pagewarden-timing.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with tempfile.TemporaryDirectory() as tmp:
+            memfile = Path(tmp) / "mem.snap"
+            memfile.write_bytes(os.urandom(args.mib << 20))
+            for r in range(args.rounds):
+                for way in ways:
+                    work = Path(tmp) / f"{way}{r}"
+                    work.mkdir()
+                    results[way].append(
+                        run_way(way, args.vms, args.mib, memfile, work, args.example, args.prefetch)
+                    )
+    print(
+        f"{args.vms} concurrent restores of a {args.mib} MiB snapshot, {args.rounds} round(s), "
+        f"pagewarden prefetch {args.prefetch}"
+    )
+    print(f"{'way':10} {'all read, s':>12} {'touch p99, us':>14} {'threads':>8} {'RSS, MiB':>9}")
+    for way, runs in results.items():
+        mid = sorted(runs, key=lambda x: x["all_read_s"])[len(runs) // 2]
+        print(
+            f"{way:10} {mid['all_read_s']:12.2f} {mid['touch_p99_us']:14.0f} "
+            f"{mid['threads']:8d} {mid['rss_mib']:9.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
