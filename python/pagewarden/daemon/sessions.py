@@ -457,6 +457,10 @@ class SessionManager:
             state=state,
             engine=self.engine,
             handshake_timeout=HANDSHAKE_TIMEOUT,
+            # The poison lists are in the saved body (spec.json) and read again on a restart;
+            # only poison a page server reports while serving needs a journal (and its writer
+            # thread), so sessions without one add no thread.
+            journal_in_state=spec.source is not None,
         )
         if state is not None:
             state.lock()  # last: nothing after it can fail and leave it held

@@ -249,6 +249,7 @@ def prepare(
     keeper: bool = False,
     engine: pw.Engine | None = None,
     handshake_timeout: float = 10.0,
+    journal_in_state: bool = True,
 ) -> tuple[_Common, GuestLayout | None]:
     """Everything about one restore that can be checked before Firecracker connects (the
     memory, the poison and its translation, the prefetch order): raises ConfigurationError or
@@ -266,7 +267,7 @@ def prepare(
                 f"prefetch order range {start:#x}+{length:#x} is past the end of {memory_name} "
                 f"({memfile_size:#x} bytes)",
             )
-    if state is not None and poison_journal is None:
+    if state is not None and poison_journal is None and journal_in_state:
         poison_journal = state.poison_journal
     common = _Common(
         page_source,
