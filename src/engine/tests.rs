@@ -416,3 +416,84 @@ fn a_detached_handler_leaves_the_guest_to_a_resumed_successor() {
     second.close();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn closing_a_resumed_handler_fences_every_missing_page_past_thousands_present() {
+    use std::os::fd::{AsFd, AsRawFd};
+
+    use super::ExternalUffd;
+    use crate::sys;
+    use crate::uffd::Uffd;
+
+    if !uffd_usable() {
+        return;
+    }
+    let ps = 4096u64;
+    let pages = 4096u64;
+    let bytes = image((pages * ps) as usize, 11);
+    let local = Arc::new(GuestMemory::anonymous(pages * ps, 0).unwrap());
+    let uffd = Uffd::new(0, sys::UFFD_FEATURE_EVENT_REMOVE).unwrap();
+    uffd.register(
+        local.address(),
+        local.size(),
+        sys::UFFDIO_REGISTER_MODE_MISSING,
+    )
+    .unwrap();
+    let me = std::process::id() as i32;
+    let handed = |resumed| {
+        let fd = sys::dup_raw_fd(uffd.as_fd().as_raw_fd()).unwrap();
+        Some(ExternalUffd {
+            uffd: Uffd::from_fd(fd, 0).unwrap(),
+            resumed,
+        })
+    };
+    let remote =
+        || Arc::new(GuestMemory::remote(me, local.address(), local.size(), ps, 0).unwrap());
+    let config = HandlerConfig {
+        mode: Mode::Missing,
+        prefetch: false,
+    };
+    let source = Arc::new(MemorySource::from_vec(bytes.clone()));
+    let empty = PoisonSet::new(ps).unwrap();
+    let first = Handler::with_uffd(
+        vec![remote()],
+        source.clone(),
+        &empty,
+        config,
+        None,
+        handed(false),
+    )
+    .unwrap();
+    first.start().unwrap();
+    // 2500 pages in a row are present, then the rest is missing.
+    let present: Vec<u64> = (0..2500).map(|p| p * ps).collect();
+    touch(
+        &local,
+        Some(present),
+        1,
+        TouchOrder::Sequential,
+        TouchVia::Load,
+    )
+    .unwrap();
+    first.detach();
+    drop(first);
+    // A successor that gives the guest up at once (--abandon): it sees every page as missing,
+    // so its fence meets the 2500 present ones first. Every missing page must be fenced
+    // (SIGBUS after the memory is unregistered), never left to read zeros.
+    let second =
+        Handler::with_uffd(vec![remote()], source, &empty, config, None, handed(true)).unwrap();
+    second.close();
+    drop(uffd);
+    let report = touch(&local, None, 2, TouchOrder::Random(3), TouchVia::Load).unwrap();
+    for (gpa, outcome) in report.outcomes {
+        if gpa < 2500 * ps {
+            let want = checksum(&bytes[gpa as usize..(gpa + ps) as usize]);
+            assert_eq!(outcome, PageOutcome::Data(want), "page {gpa:#x}");
+        } else {
+            assert!(
+                matches!(outcome, PageOutcome::Sigbus { .. }),
+                "page {gpa:#x}: {outcome:?}"
+            );
+        }
+    }
+}
