@@ -90,7 +90,7 @@ def run_way(
     else:
         for sock in socks:
             cmd = (
-                [example, str(sock), str(memfile)]
+                [str(example), str(sock), str(memfile)]
                 if way == "example"
                 else [
                     sys.executable,
@@ -179,33 +179,57 @@ def main() -> int:
     p.add_argument(
         "--prefetch", choices=("all", "none"), default="all", help="pagewarden's prefetch (all)"
     )
+    p.add_argument("--busy", action="store_true", help="keep one CPU busy meanwhile")
     args = p.parse_args()
     ways = ["daemon", "processes"] + (["example"] if args.example else [])
-    results: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
     with open("/tmp/pagewarden-timing.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with tempfile.TemporaryDirectory() as tmp:
-            memfile = Path(tmp) / "mem.snap"
-            memfile.write_bytes(os.urandom(args.mib << 20))
-            for r in range(args.rounds):
-                for way in ways:
-                    work = Path(tmp) / f"{way}{r}"
-                    work.mkdir()
-                    results[way].append(
-                        run_way(way, args.vms, args.mib, memfile, work, args.example, args.prefetch)
-                    )
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+        try:
+            results = _measure(args, ways)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+    _print(args, results)
+    return 0
+
+
+def _measure(args: argparse.Namespace, ways: list[str]) -> dict[str, list[dict[str, float]]]:
+    """Every way, ``args.rounds`` times, interleaved."""
+    results: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
+    with tempfile.TemporaryDirectory() as tmp:
+        memfile = Path(tmp) / "mem.snap"
+        memfile.write_bytes(os.urandom(args.mib << 20))
+        for r in range(args.rounds):
+            for way in ways:
+                work = Path(tmp) / f"{way}{r}"
+                work.mkdir()
+                results[way].append(
+                    run_way(way, args.vms, args.mib, memfile, work, args.example, args.prefetch)
+                )
+    return results
+
+
+def _print(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]) -> None:
+    """The table: medians over the rounds (by total time), and the spread of the times."""
     print(
         f"{args.vms} concurrent restores of a {args.mib} MiB snapshot, {args.rounds} round(s), "
-        f"pagewarden prefetch {args.prefetch}"
+        f"pagewarden prefetch {args.prefetch}{', one CPU busy' if args.busy else ''}"
     )
-    print(f"{'way':10} {'all read, s':>12} {'touch p99, us':>14} {'threads':>8} {'RSS, MiB':>9}")
+    print(
+        f"{'way':10} {'all read, s (min-max)':>24} {'touch p99, us':>14} {'threads':>8} "
+        f"{'RSS, MiB':>9}"
+    )
     for way, runs in results.items():
-        mid = sorted(runs, key=lambda x: x["all_read_s"])[len(runs) // 2]
+        ordered = sorted(runs, key=lambda x: x["all_read_s"])
+        mid = ordered[len(runs) // 2]
+        low, high = ordered[0]["all_read_s"], ordered[-1]["all_read_s"]
+        spread = f"{mid['all_read_s']:.2f} ({low:.2f}-{high:.2f})"
         print(
-            f"{way:10} {mid['all_read_s']:12.2f} {mid['touch_p99_us']:14.0f} "
-            f"{mid['threads']:8d} {mid['rss_mib']:9.1f}"
+            f"{way:10} {spread:>24} {mid['touch_p99_us']:14.0f} "
+            f"{int(mid['threads']):8d} {mid['rss_mib']:9.1f}"
         )
-    return 0
 
 
 if __name__ == "__main__":
