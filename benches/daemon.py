@@ -44,9 +44,10 @@ def _api(sock: Path, method: str, path: str, body: Any) -> int:
     return int(reply.split(b" ", 2)[1])
 
 
-def _tree(pids: list[int]) -> tuple[int, int]:
-    """Threads and RSS (KiB) of these processes."""
-    threads = rss = 0
+def _tree(pids: list[int]) -> tuple[int, int, int]:
+    """Threads, RSS and private (anonymous) RSS in KiB of these processes. RSS also counts the
+    memory file's page-cache pages each process maps, which all of them share."""
+    threads = rss = anon = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -54,9 +55,11 @@ def _tree(pids: list[int]) -> tuple[int, int]:
                     threads += int(line.split()[1])
                 elif line.startswith("VmRSS:"):
                     rss += int(line.split()[1])
+                elif line.startswith("RssAnon:"):
+                    anon += int(line.split()[1])
         except OSError:
             pass
-    return threads, rss
+    return threads, rss, anon
 
 
 def _p99(hist: list[int]) -> float:
@@ -80,7 +83,8 @@ def run_way(
         api = work / "api.sock"
         d = subprocess.Popen(
             [sys.executable, "-m", "pagewarden", "daemon", "--api-sock", str(api),
-             "--engine-threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+             "--engine-threads", "2"], stdout=subprocess.PIPE,
+            stderr=open(work / "daemon.log", "wb"),  # noqa: SIM115 - the child owns it
         )  # fmt: skip
         assert d.stdout is not None and d.stdout.readline().startswith(b"api on")
         handlers.append(d)
@@ -103,9 +107,8 @@ def run_way(
                     prefetch,
                 ]
             )
-            handlers.append(
-                subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
+            log = open(work / f"{sock.stem}.log", "wb")  # noqa: SIM115 - the child owns it
+            handlers.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
         deadline = time.monotonic() + 60
         while not all(s.exists() for s in socks):
             assert time.monotonic() < deadline, "a handler did not listen"
@@ -129,22 +132,22 @@ def run_way(
     ]
     for d in doubles:
         assert d.stdout is not None and d.stdout.readline().strip() == b"waiting"
-    peak = [0, 0]
+    peak = [0, 0, 0]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            threads, rss = _tree([h.pid for h in handlers])
-            peak[0], peak[1] = max(peak[0], threads), max(peak[1], rss)
+            now = _tree([h.pid for h in handlers])
+            peak[:] = [max(a, b) for a, b in zip(peak, now, strict=True)]
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
     started = time.monotonic()
     go.touch()
-    for d in doubles:
+    for i, d in enumerate(doubles):
         _, err = d.communicate(timeout=600)
-        assert d.returncode == 0, err
+        assert d.returncode == 0, f"{way}: microVM {i} ended with {d.returncode}: {err!r}"
     elapsed = time.monotonic() - started
     stop.set()
     sampler.join()
@@ -167,6 +170,7 @@ def run_way(
         "touch_p99_us": _p99(hist),
         "threads": peak[0],
         "rss_mib": peak[1] / 1024,
+        "anon_mib": peak[2] / 1024,
     }
 
 
@@ -219,7 +223,7 @@ def _print(args: argparse.Namespace, results: dict[str, list[dict[str, float]]])
     )
     print(
         f"{'way':10} {'all read, s (min-max)':>24} {'touch p99, us':>14} {'threads':>8} "
-        f"{'RSS, MiB':>9}"
+        f"{'RSS, MiB':>9} {'private, MiB':>13}"
     )
     for way, runs in results.items():
         ordered = sorted(runs, key=lambda x: x["all_read_s"])
@@ -228,7 +232,7 @@ def _print(args: argparse.Namespace, results: dict[str, list[dict[str, float]]])
         spread = f"{mid['all_read_s']:.2f} ({low:.2f}-{high:.2f})"
         print(
             f"{way:10} {spread:>24} {mid['touch_p99_us']:14.0f} "
-            f"{int(mid['threads']):8d} {mid['rss_mib']:9.1f}"
+            f"{int(mid['threads']):8d} {mid['rss_mib']:9.1f} {mid['anon_mib']:13.1f}"
         )
 
 

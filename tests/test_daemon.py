@@ -8,8 +8,6 @@ import http.client
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import PAGE, make_image, pagewarden_process
-from test_firecracker import DOUBLE
+from test_firecracker import start_double
 
 import pagewarden as pw
 from pagewarden.daemon import SessionError, SessionManager
@@ -72,13 +70,6 @@ class Daemon:
         return self.proc.communicate(timeout=60)
 
 
-def start_double(sock: Path, out: Path, pages: int, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(DOUBLE), str(sock), str(out), "--sizes", str(pages), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
 def _checksums_right(out: Path, image: bytes, poisoned: list[int]) -> None:
     (region,) = json.loads(out.read_text())["regions"]
     assert sorted(g for g, _, _ in region["sigbus"]) == poisoned
@@ -103,7 +94,7 @@ def test_a_session_over_the_api(uffd: None, tmp_path: Path) -> None:
         assert status == 201, body
         assert body["state"] == "listening" and vm_sock.exists()
         out = tmp_path / "out.json"
-        double = start_double(vm_sock, out, 64)
+        double = start_double(vm_sock, out, "--sizes", str(64))
         _, err = double.communicate(timeout=60)
         assert double.returncode == 0, err
         _checksums_right(out, image, [3 * PAGE])
@@ -199,7 +190,8 @@ def test_sixteen_vms_share_the_engine_and_have_metrics(uffd: None, tmp_path: Pat
                 start_double(
                     sock,
                     tmp_path / f"out{i}.json",
-                    pages,
+                    "--sizes",
+                    str(pages),
                     "--touch-first",
                     "3",
                     "--wait-for",
@@ -250,7 +242,9 @@ def test_sessions_survive_a_daemon_restart(uffd: None, tmp_path: Path) -> None:
             {"uffd_socket": str(vm_sock), "mem_file": str(memfile), "prefetch": "none"},
         )
         assert status == 201, body
-        double = start_double(vm_sock, out, pages, "--touch-first", "4", "--wait-for", str(go))
+        double = start_double(
+            vm_sock, out, "--sizes", str(pages), "--touch-first", "4", "--wait-for", str(go)
+        )
         assert double.stdout is not None and double.stdout.readline().strip() == "waiting"
         daemon.stop(signal.SIGKILL)
         second = Daemon(tmp_path, "--state-dir", str(state))
@@ -289,7 +283,7 @@ def test_the_session_manager_embedded_without_http(uffd: None, tmp_path: Path) -
             )
         assert e.value.status == 409
         out = tmp_path / "out.json"
-        double = start_double(sock, out, 32)
+        double = start_double(sock, out, "--sizes", str(32))
         _, err = double.communicate(timeout=60)
         assert double.returncode == 0, err
         _checksums_right(out, image, [])

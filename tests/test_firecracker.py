@@ -53,6 +53,17 @@ def _firecracker_cli(*args: str) -> subprocess.Popen[str]:
     return pagewarden_process("firecracker", *args)
 
 
+def start_double(socket_path: str | Path, out: str | Path, *args: str) -> subprocess.Popen[str]:
+    """The double in the background (its output captured as text): for tests that act while
+    it runs (``--wait-for`` makes it print "waiting" and hold its guest back)."""
+    return subprocess.Popen(
+        [sys.executable, str(DOUBLE), str(socket_path), str(out), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def run_double(socket_path: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(DOUBLE), str(socket_path), str(out), *args],
@@ -298,24 +309,17 @@ def test_sigterm_fences_what_is_missing_and_lets_go_of_the_guest(
         "60",
     )
     out = tmp_path / "report.json"
-    double = subprocess.Popen(
-        [
-            sys.executable,
-            str(DOUBLE),
-            str(sock),
-            str(out),
-            "--sizes",
-            "16",
-            "--touch-first",
-            "4",
-            "--balloon",
-            str(PAGE),
-            "--wait-for",
-            str(go),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    double = start_double(
+        sock,
+        out,
+        "--sizes",
+        "16",
+        "--touch-first",
+        "4",
+        "--balloon",
+        str(PAGE),
+        "--wait-for",
+        str(go),
     )
     try:
         assert cli.stdout is not None and double.stdout is not None

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import PAGE, make_image, pagewarden_process
-from test_firecracker import DOUBLE, Served, run_double
+from test_firecracker import Served, run_double, start_double
 
 import pagewarden as pw
 from pagewarden import cli, firecracker, kvm_check
@@ -199,22 +199,8 @@ def test_working_set_is_recorded_then_prefetched_and_nothing_else(
     )
     out = tmp_path / "r2.json"
     extra = 9 * PAGE  # not in the working set: on demand
-    double = subprocess.Popen(
-        [
-            sys.executable,
-            str(DOUBLE),
-            str(sock),
-            str(out),
-            "--sizes",
-            str(pages),
-            "--touch-pages",
-            f"{touch},{extra}",
-            "--wait-for",
-            str(go),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    double = start_double(
+        sock, out, "--sizes", str(pages), "--touch-pages", f"{touch},{extra}", "--wait-for", str(go)
     )
     try:
         _wait_until(lambda: handlers)

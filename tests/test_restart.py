@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import PAGE, make_image, pagewarden_process
-from test_firecracker import DOUBLE
+from test_firecracker import start_double
 
 import pagewarden as pw
 from pagewarden.firecracker import session
@@ -81,11 +81,16 @@ def test_killed_at_random_moments_and_restarted(
         sock, state, out, go = work / "uffd.sock", work / "state", work / "out.json", work / "go"
         extra = ["--prefetch", prefetch]
         first = _handler(sock, memfile, state, poison, *extra)
-        double = subprocess.Popen(
-            [sys.executable, str(DOUBLE), str(sock), str(out), "--sizes", str(PAGES),
-             "--balloon", f"{CLEAN_BALLOON},{POISONED[0]}", "--balloon-after", str(go)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        double = start_double(
+            str(sock),
+            str(out),
+            "--sizes",
+            str(PAGES),
+            "--balloon",
+            f"{CLEAN_BALLOON},{POISONED[0]}",
+            "--balloon-after",
+            str(go),
+        )
         second = None
         try:
             _wait_for(state / session.STATE_FILE, first)
@@ -178,11 +183,16 @@ def test_state_dir_is_locked_and_a_mismatched_command_is_refused(
     pw.PoisonSet([]).save(poison)
     first = _handler(sock, memfile, state_dir, poison, "--prefetch", "none")
     go = tmp_path / "go"
-    double = subprocess.Popen(
-        [sys.executable, str(DOUBLE), str(sock), str(tmp_path / "out.json"), "--sizes", "64",
-         "--touch-first", "2", "--wait-for", str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    double = start_double(
+        str(sock),
+        str(tmp_path / "out.json"),
+        "--sizes",
+        "64",
+        "--touch-first",
+        "2",
+        "--wait-for",
+        str(go),
+    )
     try:
         assert double.stdout is not None and double.stdout.readline().strip() == "waiting"
         # Another handler on the same state directory is refused while the first serves.
@@ -234,11 +244,17 @@ def test_a_vmm_that_closes_its_uffd_needs_the_keeper(
     sock, state, out, go = (tmp_path / n for n in ("uffd.sock", "state", "out.json", "go"))
     extra = ["--prefetch", "none", *(["--keeper"] if keeper else [])]
     first = _handler(sock, memfile, state, poison, *extra)
-    double = subprocess.Popen(
-        [sys.executable, str(DOUBLE), str(sock), str(out), "--sizes", str(pages),
-         "--close-uffd", "--touch-first", "4", "--wait-for", str(go)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    double = start_double(
+        str(sock),
+        str(out),
+        "--sizes",
+        str(pages),
+        "--close-uffd",
+        "--touch-first",
+        "4",
+        "--wait-for",
+        str(go),
+    )
     second = None
     try:
         assert double.stdout is not None and double.stdout.readline().strip() == "waiting"
@@ -298,11 +314,9 @@ def test_a_successor_with_a_page_server_reconnects_and_asks_again(
         cmd = ["firecracker", str(sock), "-", "--source", f"{host}:{port}", "--token-file",
                str(token_file), "--state-dir", str(state), "--prefetch", "none"]  # fmt: skip
         first = pagewarden_process(*cmd)
-        double = subprocess.Popen(
-            [sys.executable, str(DOUBLE), str(sock), str(out), "--sizes", str(pages),
-             "--touch-first", "8", "--wait-for", str(go)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        double = start_double(
+            str(sock), str(out), "--sizes", str(pages), "--touch-first", "8", "--wait-for", str(go)
+        )
         second = None
         try:
             assert double.stdout is not None and double.stdout.readline().strip() == "waiting"
