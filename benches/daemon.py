@@ -12,6 +12,7 @@ Run as root: ``python benches/daemon.py [--vms 64] [--mib 16] [--example PATH]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -147,7 +148,10 @@ def run_way(
     go.touch()
     for i, d in enumerate(doubles):
         _, err = d.communicate(timeout=600)
-        assert d.returncode == 0, f"{way}: microVM {i} ended with {d.returncode}: {err!r}"
+        # Firecracker's example handler panics when its peer closes the socket at exit, and its
+        # panic hook SIGKILLs the peer: a microVM that wrote its whole report first is done.
+        done = (work / f"out{i}.json").exists() and way == "example" and d.returncode == -9
+        assert d.returncode == 0 or done, f"{way}: microVM {i} ended with {d.returncode}: {err!r}"
     elapsed = time.monotonic() - started
     stop.set()
     sampler.join()
@@ -184,6 +188,7 @@ def main() -> int:
         "--prefetch", choices=("all", "none"), default="all", help="pagewarden's prefetch (all)"
     )
     p.add_argument("--busy", action="store_true", help="keep one CPU busy meanwhile")
+    p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, reports)")
     args = p.parse_args()
     ways = ["daemon", "processes"] + (["example"] if args.example else [])
     with open("/tmp/pagewarden-timing.lock", "w") as lock:
@@ -202,7 +207,9 @@ def main() -> int:
 def _measure(args: argparse.Namespace, ways: list[str]) -> dict[str, list[dict[str, float]]]:
     """Every way, ``args.rounds`` times, interleaved."""
     results: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.keep or stack.enter_context(tempfile.TemporaryDirectory())
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         memfile = Path(tmp) / "mem.snap"
         memfile.write_bytes(os.urandom(args.mib << 20))
         for r in range(args.rounds):

@@ -322,40 +322,56 @@ fn three_handlers_share_one_engine_thread() {
     engine.close(true);
 }
 
+/// A VMM of this test process's own: anonymous memory registered on a uffd it keeps, served
+/// through duplicates of that uffd, as Firecracker's is.
+struct OwnVmm {
+    local: Arc<GuestMemory>,
+    uffd: crate::uffd::Uffd,
+}
+
+impl OwnVmm {
+    fn new(pages: u64) -> Self {
+        let local = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
+        let uffd = crate::uffd::Uffd::new(0, crate::sys::UFFD_FEATURE_EVENT_REMOVE).unwrap();
+        uffd.register(
+            local.address(),
+            local.size(),
+            crate::sys::UFFDIO_REGISTER_MODE_MISSING,
+        )
+        .unwrap();
+        Self { local, uffd }
+    }
+
+    /// The memory as a handler in another process sees it.
+    fn remote(&self) -> Arc<GuestMemory> {
+        let me = std::process::id() as i32;
+        let (address, size) = (self.local.address(), self.local.size());
+        Arc::new(GuestMemory::remote(me, address, size, 4096, 0).unwrap())
+    }
+
+    /// A duplicate of the uffd, handed over (`resumed`: to a successor).
+    fn hand_over(&self, resumed: bool) -> Option<super::ExternalUffd> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let fd = crate::sys::dup_raw_fd(self.uffd.as_fd().as_raw_fd()).unwrap();
+        Some(super::ExternalUffd {
+            uffd: crate::uffd::Uffd::from_fd(fd, 0).unwrap(),
+            resumed,
+        })
+    }
+}
+
 #[test]
 fn a_detached_handler_leaves_the_guest_to_a_resumed_successor() {
-    use std::os::fd::{AsFd, AsRawFd};
-
-    use super::ExternalUffd;
-    use crate::sys;
-    use crate::uffd::Uffd;
-
     if !uffd_usable() {
         return;
     }
     let ps = 4096u64;
     let pages = 64u64;
     let bytes = image((pages * ps) as usize, 9);
-    // The "VMM": this process's own anonymous memory, registered on a uffd it keeps, served
-    // through duplicates of that uffd as Firecracker's is.
-    let local = Arc::new(GuestMemory::anonymous(pages * ps, 0).unwrap());
-    let uffd = Uffd::new(0, sys::UFFD_FEATURE_EVENT_REMOVE).unwrap();
-    uffd.register(
-        local.address(),
-        local.size(),
-        sys::UFFDIO_REGISTER_MODE_MISSING,
-    )
-    .unwrap();
-    let me = std::process::id() as i32;
-    let remote =
-        || Arc::new(GuestMemory::remote(me, local.address(), local.size(), ps, 0).unwrap());
-    let handed = |resumed| {
-        let fd = sys::dup_raw_fd(uffd.as_fd().as_raw_fd()).unwrap();
-        Some(ExternalUffd {
-            uffd: Uffd::from_fd(fd, 0).unwrap(),
-            resumed,
-        })
-    };
+    let vmm = OwnVmm::new(pages);
+    let local = vmm.local.clone();
+    let remote = || vmm.remote();
+    let handed = |resumed| vmm.hand_over(resumed);
     let poison = PoisonSet::from_addresses([5 * ps], ps).unwrap();
     let config = HandlerConfig {
         mode: Mode::Missing,
@@ -419,36 +435,16 @@ fn a_detached_handler_leaves_the_guest_to_a_resumed_successor() {
 
 #[test]
 fn closing_a_resumed_handler_fences_every_missing_page_past_thousands_present() {
-    use std::os::fd::{AsFd, AsRawFd};
-
-    use super::ExternalUffd;
-    use crate::sys;
-    use crate::uffd::Uffd;
-
     if !uffd_usable() {
         return;
     }
     let ps = 4096u64;
     let pages = 4096u64;
     let bytes = image((pages * ps) as usize, 11);
-    let local = Arc::new(GuestMemory::anonymous(pages * ps, 0).unwrap());
-    let uffd = Uffd::new(0, sys::UFFD_FEATURE_EVENT_REMOVE).unwrap();
-    uffd.register(
-        local.address(),
-        local.size(),
-        sys::UFFDIO_REGISTER_MODE_MISSING,
-    )
-    .unwrap();
-    let me = std::process::id() as i32;
-    let handed = |resumed| {
-        let fd = sys::dup_raw_fd(uffd.as_fd().as_raw_fd()).unwrap();
-        Some(ExternalUffd {
-            uffd: Uffd::from_fd(fd, 0).unwrap(),
-            resumed,
-        })
-    };
-    let remote =
-        || Arc::new(GuestMemory::remote(me, local.address(), local.size(), ps, 0).unwrap());
+    let vmm = OwnVmm::new(pages);
+    let local = vmm.local.clone();
+    let handed = |resumed| vmm.hand_over(resumed);
+    let remote = || vmm.remote();
     let config = HandlerConfig {
         mode: Mode::Missing,
         prefetch: false,
@@ -483,7 +479,7 @@ fn closing_a_resumed_handler_fences_every_missing_page_past_thousands_present() 
     let second =
         Handler::with_uffd(vec![remote()], source, &empty, config, None, handed(true)).unwrap();
     second.close();
-    drop(uffd);
+    drop(vmm);
     let report = touch(&local, None, 2, TouchOrder::Random(3), TouchVia::Load).unwrap();
     for (gpa, outcome) in report.outcomes {
         if gpa < 2500 * ps {

@@ -103,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
         api.start()
         print(f"api on {args.api_sock}", flush=True)
+        from pagewarden import kvm_check
+
+        delivery = kvm_check.poison_delivery()
+        if delivery.protects is False:
+            log.warning("%s", delivery.summary)
         try:
             while not (manager.draining and manager.active() == 0):
                 time.sleep(0.2)

@@ -186,6 +186,15 @@ class Session:
     handler: pw.Handler | None = None
     source: pw.RemoteSource | None = None
 
+    final_poisoned: int | None = None
+
+    def poisoned_pages(self) -> int | None:
+        """Pages of the guest that are poisoned (known, or found while serving)."""
+        if self.handler is not None:
+            with contextlib.suppress(pw.PagewardenError):
+                return len(self.handler.poison_set())
+        return self.final_poisoned
+
     def describe(self) -> dict[str, Any]:
         """What ``GET /sessions/{name}`` returns."""
         stats = self.final_stats
@@ -214,9 +223,7 @@ class Session:
                 )
                 if k in stats
             }  # fmt: skip
-            if self.handler is not None:
-                with contextlib.suppress(pw.PagewardenError):
-                    out["stats"]["poisoned_pages"] = len(self.handler.poison_set())
+            out["stats"]["poisoned_pages"] = self.poisoned_pages()
         return out
 
 
@@ -297,14 +304,16 @@ class SessionManager:
         """True once ``drain()`` was called."""
         return self._draining
 
-    def close(self, detach: bool = False) -> None:
+    def close(self, detach: bool = False) -> int:
         """Ends every session and the thread and the engine. With ``detach`` (and a state
-        directory) serving sessions are left waiting for a successor instead of fenced."""
+        directory) serving sessions are left waiting for a successor instead of fenced; returns
+        how many were."""
         if self._closed:
-            return
+            return 0
         self._closed = True
+        detached = 0
         with contextlib.suppress(pw.HandlerClosedError):
-            self._call(lambda: self._close_all(detach))
+            detached = self._call(lambda: self._close_all(detach))
         self._stopping = True
         os.write(self._wake_w, b"x")
         self._thread.join()
@@ -312,6 +321,7 @@ class SessionManager:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.engine.close()
+        return detached
 
     def __enter__(self) -> Self:
         return self
@@ -558,6 +568,7 @@ class SessionManager:
                 self._selector.unregister(handler.fileno())
             with contextlib.suppress(pw.PagewardenError):
                 s.final_stats = handler.stats()
+            s.final_poisoned = s.poisoned_pages()
             if detach:
                 handler.detach()
             else:
@@ -604,10 +615,14 @@ class SessionManager:
         del self._sessions[name]
         log.info("session %s deleted", name)
 
-    def _close_all(self, detach: bool) -> None:
+    def _close_all(self, detach: bool) -> int:
+        detached = 0
         for s in list(self._sessions.values()):
             if s.state in ("listening", "serving"):
-                self._end(s, "exited", detach=detach and s.state == "serving")
+                leave = detach and s.state == "serving"
+                detached += leave
+                self._end(s, "exited", detach=leave)
+        return detached
 
     def _resume_all(self) -> None:
         """At start with a state directory: every session a previous daemon left is created
