@@ -28,6 +28,7 @@ from typing import Any
 
 DOUBLE = Path(__file__).resolve().parent.parent / "tests" / "firecracker_double.py"
 PAGE = 4096
+ENGINE_THREADS = 2
 
 
 def _api(sock: Path, method: str, path: str, body: Any) -> int:
@@ -84,7 +85,7 @@ def run_way(
         api = work / "api.sock"
         d = subprocess.Popen(
             [sys.executable, "-m", "pagewarden", "daemon", "--api-sock", str(api),
-             "--engine-threads", "2"], stdout=subprocess.PIPE,
+             "--engine-threads", str(ENGINE_THREADS)], stdout=subprocess.PIPE,
             stderr=open(work / "daemon.log", "wb"),  # noqa: SIM115 - the child owns it
         )  # fmt: skip
         assert d.stdout is not None and d.stdout.readline().startswith(b"api on")
@@ -189,8 +190,12 @@ def main() -> int:
     )
     p.add_argument("--busy", action="store_true", help="keep one CPU busy meanwhile")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, reports)")
+    p.add_argument("--engine-threads", type=int, default=2, help="the daemon's (2)")
+    p.add_argument("--ways", default="daemon,processes,example", help="which ways, comma separated")
     args = p.parse_args()
-    ways = ["daemon", "processes"] + (["example"] if args.example else [])
+    global ENGINE_THREADS
+    ENGINE_THREADS = args.engine_threads
+    ways = [w for w in args.ways.split(",") if w != "example" or args.example]
     with open("/tmp/pagewarden-timing.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
