@@ -28,7 +28,7 @@ from typing import Any
 
 DOUBLE = Path(__file__).resolve().parent.parent / "tests" / "firecracker_double.py"
 PAGE = 4096
-ENGINE_THREADS = 2
+ENGINE_THREADS: int | None = None  # the daemon's default
 
 
 def _api(sock: Path, method: str, path: str, body: Any) -> int:
@@ -85,7 +85,8 @@ def run_way(
         api = work / "api.sock"
         d = subprocess.Popen(
             [sys.executable, "-m", "pagewarden", "daemon", "--api-sock", str(api),
-             "--engine-threads", str(ENGINE_THREADS)], stdout=subprocess.PIPE,
+             *(["--engine-threads", str(ENGINE_THREADS)] if ENGINE_THREADS else [])],
+            stdout=subprocess.PIPE,
             stderr=open(work / "daemon.log", "wb"),  # noqa: SIM115 - the child owns it
         )  # fmt: skip
         assert d.stdout is not None and d.stdout.readline().startswith(b"api on")
@@ -190,7 +191,9 @@ def main() -> int:
     )
     p.add_argument("--busy", action="store_true", help="keep one CPU busy meanwhile")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (logs, reports)")
-    p.add_argument("--engine-threads", type=int, default=2, help="the daemon's (2)")
+    p.add_argument(
+        "--engine-threads", type=int, help="the daemon's (default: the daemon's default)"
+    )
     p.add_argument("--ways", default="daemon,processes,example", help="which ways, comma separated")
     args = p.parse_args()
     global ENGINE_THREADS
