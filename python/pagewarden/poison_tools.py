@@ -171,6 +171,24 @@ def load_in_space(
     return loaded.poison
 
 
+def load_by_space(
+    path: str | os.PathLike[str], what: str = "poison"
+) -> tuple[pw.PoisonSet | None, pw.PoisonSet | None]:
+    """Reads a list that says its address space; returns it as (image offsets, None) or (None,
+    guest-physical addresses). A text list that does not say is a PoisonFileError naming
+    ``what`` (the option or field it came from) and the remedy."""
+    loaded = load_list(path)
+    if loaded.space is None:
+        raise pw.PoisonFileError(
+            errno.EINVAL,
+            f"{what} {os.fspath(path)}: the text list does not say which addresses it holds: "
+            f"{space_remedy()}",
+        )
+    if loaded.space == IMAGE_OFFSET:
+        return loaded.poison, None
+    return None, loaded.poison
+
+
 def load_any(path: str | os.PathLike[str], page_size: int = 4096) -> tuple[pw.PoisonSet, str]:
     """Loads a poison list of image offsets (a JSON poison file, a journal or a text list that
     says ``# address-space: image-offset``); returns the set and the form's name."""

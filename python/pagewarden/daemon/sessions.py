@@ -421,17 +421,7 @@ class SessionManager:
         spec = s.spec
         offsets = gpas = None
         if spec.poison is not None:
-            loaded = poison_tools.load_list(spec.poison)
-            if loaded.space is None:
-                raise pw.PoisonFileError(
-                    errno.EINVAL,
-                    f"poison {spec.poison}: the text list does not say which addresses it holds: "
-                    f"{poison_tools.space_remedy()}",
-                )
-            if loaded.space == poison_tools.IMAGE_OFFSET:
-                offsets = loaded.poison
-            else:
-                gpas = loaded.poison
+            offsets, gpas = poison_tools.load_by_space(spec.poison, "field `poison`")
         if spec.poison_gpa:
             extra = pw.PoisonSet([a & ~4095 for a in spec.poison_gpa])
             gpas = extra if gpas is None else gpas.with_page_size(4096) | extra

@@ -210,17 +210,7 @@ def _poison_options(
         return a.with_page_size(size) | b.with_page_size(size)
 
     if args.poison:
-        loaded = poison_tools.load_list(args.poison)
-        if loaded.space is None:
-            raise UsageProblem(
-                f"--poison {args.poison}: the text list does not say which addresses it holds: "
-                f"{poison_tools.space_remedy()}; or give guest-physical addresses with "
-                "--poison-gpa-file"
-            )
-        if loaded.space == poison_tools.IMAGE_OFFSET:
-            offsets = loaded.poison
-        else:
-            gpas = loaded.poison
+        offsets, gpas = poison_tools.load_by_space(args.poison, "--poison")
     for path in args.poison_gpa_file:
         gpas = join(
             gpas,
