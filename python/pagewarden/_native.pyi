@@ -391,6 +391,9 @@ class Handler:
     def poison_journal(self) -> Path | None: ...
     @property
     def running(self) -> bool: ...
+    def mark_present_from_pagemap(self, pid: int) -> int:
+        """Marks present every page process ``pid`` has (``/proc/PID/pagemap``), for a handler
+        that took a guest over; before ``start()``; returns the pages marked."""
     def detach(self) -> None:
         """Stops serving and leaves the guest as it is (registered, nothing fenced) for a
         successor that takes the uffd over; ``close()`` afterwards does nothing more."""

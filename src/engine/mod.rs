@@ -1204,6 +1204,56 @@ impl Handler {
             .map_err(|_| Error::Config("the removed-page journal is set already".into()))
     }
 
+    /// For a handler that took a guest over (re-attach): marks Present every page that process
+    /// `pid` has (resident or swapped, from `/proc/PID/pagemap`), so that the successor's stats
+    /// and completion count what its predecessor served, and its prefetch skips those pages.
+    /// Before [`start`](Self::start). Returns the pages marked. A page the map cannot tell
+    /// about stays Missing: a resolution on it then finds it with EEXIST, as before.
+    pub fn mark_present_from_pagemap(&self, pid: i32) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        if self.started.load(Ordering::Acquire) {
+            return Err(Error::Config(
+                "present pages must be marked before Handler.start()".into(),
+            ));
+        }
+        let path = format!("/proc/{pid}/pagemap");
+        let map = std::fs::File::open(&path)
+            .map_err(|e| Error::Config(format!("cannot open {path}: {e}")))?;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        let mut marked = 0;
+        let mut buf = vec![0u8; 8 * 4096];
+        for region in &self.shared.regions {
+            // One entry per 4 KiB; a huge page is present when its first 4 KiB is.
+            let step = (region.page_size / 4096) as usize;
+            let pages = region.states.len();
+            let mut first = 0;
+            while first < pages {
+                let count = (pages - first).min(buf.len() / 8 / step).max(1);
+                let entries = count * step;
+                let offset = (region.start / 4096 + (first * step) as u64) * 8;
+                let got = map
+                    .read_at(&mut buf[..entries * 8], offset)
+                    .map_err(|e| Error::Config(format!("cannot read {path}: {e}")))?;
+                for i in 0..count.min(got / 8 / step) {
+                    let at = i * step * 8;
+                    let entry = u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or_default());
+                    if entry & (PRESENT | SWAPPED) != 0
+                        && region.states.transition_from(
+                            first + i,
+                            PageState::Missing,
+                            PageState::Present,
+                        )
+                    {
+                        marked += 1;
+                    }
+                }
+                first += count;
+            }
+        }
+        Ok(marked)
+    }
+
     /// Stops serving and leaves the guest exactly as it is: still registered, nothing fenced,
     /// so its threads wait for a successor that takes the uffd over (re-attach). Idempotent;
     /// `close()` afterwards changes nothing more. Must not be called while holding the GIL.

@@ -368,6 +368,7 @@ fn a_detached_handler_leaves_the_guest_to_a_resumed_successor() {
     let ps = 4096u64;
     let pages = 64u64;
     let bytes = image((pages * ps) as usize, 9);
+    let me = std::process::id() as i32;
     let vmm = OwnVmm::new(pages);
     let local = vmm.local.clone();
     let remote = || vmm.remote();
@@ -415,6 +416,11 @@ fn a_detached_handler_leaves_the_guest_to_a_resumed_successor() {
     second.set_removed_journal(&removed).unwrap();
     assert_eq!(second.page_state(3 * ps), Some(PageState::Removed));
     assert_eq!(second.page_state(5 * ps), Some(PageState::Poisoned));
+    // What the first handler served is in the "VMM's" page tables: pages 0..16 but the removed
+    // page 3 and the poisoned page 5 (whose marker the map shows, but whose state says so).
+    assert_eq!(second.mark_present_from_pagemap(me).unwrap(), 14);
+    assert_eq!(second.page_state(7 * ps), Some(PageState::Present));
+    assert_eq!(second.page_state(20 * ps), Some(PageState::Missing));
     second.start().unwrap();
     let report = touch(&local, None, 2, TouchOrder::Random(7), TouchVia::Load).unwrap();
     for (gpa, outcome) in report.outcomes {

@@ -706,6 +706,14 @@ impl Handler {
         self.raise_policy_error(py)
     }
 
+    /// For a handler that took a guest over (`resumed=True`): marks present every page that
+    /// process `pid` (the VMM) has, read from `/proc/PID/pagemap`, so that stats, `wait()` and
+    /// prefetch count what the predecessor served. Before `start()`; returns the pages marked.
+    fn mark_present_from_pagemap(&self, py: Python<'_>, pid: i32) -> PyResult<u64> {
+        py.detach(|| self.inner.mark_present_from_pagemap(pid))
+            .py_err()
+    }
+
     /// Stops serving and leaves the guest as it is, for a successor that takes the uffd over
     /// (re-attach): nothing is fenced, the memory stays registered, and threads that fault
     /// wait. A planned restart; `close()` afterwards does nothing more.

@@ -468,6 +468,16 @@ def reattach(saved: session.SessionState, common: _Common) -> tuple[pw.Handler, 
         mask = _hold_signals()
         held = True
         handler = common.handler(guard, saved.regions, uffd, resumed=True)
+        # What the predecessor served is in Firecracker's page tables: counted as present,
+        # so that stats and prefetch start from there (a page the map misses is met with
+        # EEXIST, as without it).
+        try:
+            present = handler.mark_present_from_pagemap(saved.peer_pid)
+        except pw.PagewardenError as e:
+            present = 0
+            log.warning("cannot read Firecracker's page map (%s): present pages are found "
+                        "as they are met", e.strerror or e)  # fmt: skip
+        log.info("%d pages were served before the restart", present)
         # Threads whose faults the dead handler read but never answered sleep until their
         # range is woken: they fault again, and this handler reads those faults.
         for r in saved.regions:
