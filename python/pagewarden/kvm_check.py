@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -107,6 +108,15 @@ def poison_delivery(timeout: float = 5.0) -> PoisonDelivery:
         if how in kinds:
             return PoisonDelivery(True, how, f"poison reaches the VMM as {text}")
     return PoisonDelivery(None, "unknown", "not known: the check's vCPU never read the poison")
+
+
+def tell_delivery(logger: logging.Logger, warn: bool = True) -> PoisonDelivery:
+    """Logs, when this host's KVM turns poisoned reads into MMIO (poison cannot protect a
+    guest here), a warning (``warn``) or a note; returns what was found."""
+    delivery = poison_delivery()
+    if delivery.protects is False:
+        logger.log(logging.WARNING if warn else logging.INFO, "%s", delivery.summary)
+    return delivery
 
 
 def _hex_list(values: Sequence[int], limit: int = 6) -> str:

@@ -117,9 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"api on {args.api_sock}", flush=True)
         from pagewarden import kvm_check
 
-        delivery = kvm_check.poison_delivery()
-        if delivery.protects is False:
-            log.warning("%s", delivery.summary)
+        kvm_check.tell_delivery(log)
         try:
             while not (manager.draining and manager.active() == 0):
                 time.sleep(0.2)

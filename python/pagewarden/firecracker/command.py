@@ -243,16 +243,6 @@ class _LogFormat(logging.Formatter):
         return f"pagewarden: {level}{record.getMessage()}"
 
 
-def _warn_about_this_host(poison_given: bool) -> None:
-    """Says so when poison cannot protect a guest on this host's KVM: a warning when there is
-    poison to install, a note otherwise (a fence, after a refusal, would not protect it either)."""
-    from pagewarden import kvm_check
-
-    delivery = kvm_check.poison_delivery()
-    if delivery.protects is False:
-        log.log(logging.WARNING if poison_given else logging.INFO, "%s", delivery.summary)
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs the command; returns the exit status."""
 
@@ -294,7 +284,11 @@ def run(args: argparse.Namespace) -> int:
 
         print(abandon(args.state_dir))
         return 0
-    _warn_about_this_host(offsets is not None or gpas is not None or args.source is not None)
+    from pagewarden import kvm_check
+
+    # A warning when there is poison to install; a note otherwise (a fence after a refusal
+    # would not protect the guest either).
+    kvm_check.tell_delivery(log, offsets is not None or gpas is not None or args.source is not None)
     with contextlib.ExitStack() as stack:
         source = None
         if args.source is not None:

@@ -119,7 +119,7 @@ class PeerGuard:
         the error message."""
         who = f"Firecracker (pid {self.peer.pid})"
         if self.kill_allowed:
-            if self._kill():
+            if self.kill():
                 log.error("refused %s and killed it: %s", who, reason)
                 return f"{who} was killed"
             log.error("cannot kill %s (no permission, or not visible from here)", who)
@@ -140,28 +140,26 @@ class PeerGuard:
     def _fence_on_a_thread(self) -> None:
         """The fence on a thread that owns duplicates of the descriptors it watches."""
         assert self.uffd is not None
-        fence = PeerGuard.__new__(PeerGuard)
-        fence.peer = self.peer
-        fence.kill_allowed = False
-        fence.fence_in_background = False
-        fence.regions = self.regions
-        fence.uffd = os.dup(self.uffd)
-        fence.pidfd = None if self.pidfd is None else os.dup(self.pidfd)
-        fence.conn = None if self.conn is None else self.conn.dup()
+        uffd = os.dup(self.uffd)
+        pidfd = None if self.pidfd is None else os.dup(self.pidfd)
+        conn = None if self.conn is None else self.conn.dup()
+        regions = self.regions
 
         def run() -> None:
             try:
-                fence._fence_until_exit()
+                fence_until_exit(uffd, regions, conn, pidfd)
             finally:
-                assert fence.uffd is not None
-                os.close(fence.uffd)
-                fence.close()
-                if fence.conn is not None:
-                    fence.conn.close()
+                os.close(uffd)
+                if pidfd is not None:
+                    os.close(pidfd)
+                if conn is not None:
+                    conn.close()
 
         start_quietly(threading.Thread(target=run, name="pagewarden-fence", daemon=True))
 
-    def _kill(self) -> bool:
+    def kill(self) -> bool:
+        """SIGKILLs the peer through its pidfd and waits (up to KILL_WAIT) until it is gone;
+        False when it cannot (no pidfd, no permission) or does not go."""
         if self.pidfd is None:
             return False
         try:
@@ -174,40 +172,47 @@ class PeerGuard:
         return bool(ready)
 
     def _fence_until_exit(self) -> None:
-        uffd = self.uffd
-        assert uffd is not None
-        page_sizes: list[int] = [4096, 2 << 20]
-        if self.regions:
-            page_sizes = [self.regions[0].page_size]
-            fenced = sum(
-                fence_range(uffd, r.base_host_virt_addr, r.size, r.page_size) for r in self.regions
-            )
-            log.info("fenced %d missing pages", fenced)
-        conn = self.conn
-        watched = [uffd] if conn is None else [uffd, conn.fileno()]
-        if self.pidfd is not None:
-            watched.append(self.pidfd)
-        if conn is not None:
-            conn.setblocking(False)
-        # Faults on pages the guest dropped (balloon) or that no region named: poison each.
-        while True:
-            ready, _, _ = select.select(watched, [], [])
-            if self.pidfd is not None and self.pidfd in ready:
+        assert self.uffd is not None
+        fence_until_exit(self.uffd, self.regions, self.conn, self.pidfd)
+
+
+def fence_until_exit(
+    uffd: int,
+    regions: Sequence[GuestRegionMapping] | None,
+    conn: socket.socket | None,
+    pidfd: int | None,
+) -> None:
+    """Poisons every missing page of ``regions`` (when known), then answers every fault with
+    poison until the peer exits: its pidfd is readable, or its end of ``conn`` closes."""
+    page_sizes: list[int] = [4096, 2 << 20]
+    if regions:
+        page_sizes = [regions[0].page_size]
+        fenced = sum(fence_range(uffd, r.base_host_virt_addr, r.size, r.page_size) for r in regions)
+        log.info("fenced %d missing pages", fenced)
+    watched = [uffd] if conn is None else [uffd, conn.fileno()]
+    if pidfd is not None:
+        watched.append(pidfd)
+    if conn is not None:
+        conn.setblocking(False)
+    # Faults on pages the guest dropped (balloon) or that no region named: poison each.
+    while True:
+        ready, _, _ = select.select(watched, [], [])
+        if pidfd is not None and pidfd in ready:
+            return
+        if conn is not None and conn.fileno() in ready:
+            try:
+                if not conn.recv(4096):
+                    return  # the peer closed its end: it has exited
+            except BlockingIOError:
+                pass
+            except OSError:
                 return
-            if conn is not None and conn.fileno() in ready:
-                try:
-                    if not conn.recv(4096):
-                        return  # the peer closed its end: it has exited
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    return
-            if uffd in ready:
-                try:
-                    data = os.read(uffd, UFFD_MSG_SIZE * 64)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                for i in range(0, len(data) - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
-                    if data[i] == UFFD_EVENT_PAGEFAULT:
-                        (address,) = struct.unpack_from("Q", data, i + 16)
-                        _fence_fault(uffd, address, page_sizes)
+        if uffd in ready:
+            try:
+                data = os.read(uffd, UFFD_MSG_SIZE * 64)
+            except (BlockingIOError, InterruptedError):
+                continue
+            for i in range(0, len(data) - UFFD_MSG_SIZE + 1, UFFD_MSG_SIZE):
+                if data[i] == UFFD_EVENT_PAGEFAULT:
+                    (address,) = struct.unpack_from("Q", data, i + 16)
+                    _fence_fault(uffd, address, page_sizes)

@@ -17,7 +17,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,12 +53,6 @@ class ServeResult:
     """Memory-file offsets in the order of their first fault (with ``record_access``)."""
     resumed: bool = False
     """True when the microVM was taken over from an earlier handler (``state_dir``)."""
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-        log.error("killed Firecracker (pid %d): its memory can no longer be served correctly", pid)
 
 
 def _page_source(
@@ -334,12 +328,7 @@ class _Common:
     ) -> pw.Handler:
         """The Handler for ``regions`` on ``uffd``."""
         page_size = regions[0].page_size
-        memories = [
-            pw.GuestMemory.remote(
-                guard.peer.pid, r.base_host_virt_addr, r.size, r.page_size, guest_address=r.offset
-            )
-            for r in regions
-        ]
+        memories = _memories(guard.peer.pid, regions)
         initial = self.initial
         return pw.Handler(
             memories,
@@ -375,6 +364,16 @@ def _hold_signals() -> _Mask:
 def release_signals(mask: _Mask) -> None:
     """Restores the signal mask ``_hold_signals`` returned (pending signals are taken now)."""
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _memories(pid: int, regions: Sequence[GuestRegionMapping]) -> list[pw.GuestMemory]:
+    """Firecracker's guest memory, region by region, named by memory-file offset."""
+    return [
+        pw.GuestMemory.remote(
+            pid, r.base_host_virt_addr, r.size, r.page_size, guest_address=r.offset
+        )
+        for r in regions
+    ]
 
 
 def _alive(saved: session.SessionState) -> bool:
@@ -526,7 +525,7 @@ def _run(
         handler.start()
         if common.on_started is not None:
             common.on_started(handler, result)
-        _run_until_peer_exits(handler, guard.peer, common.kill)
+        _run_until_peer_exits(handler, guard, common.kill)
         result.stats = handler.stats()
         result.poison = handler.poison_set()
         if common.record_access:
@@ -699,43 +698,43 @@ def _check_covered(poison: pw.PoisonSet, regions: list[GuestRegionMapping]) -> N
             address = span[1]
 
 
-def _fail_stop(handler: pw.Handler, peer: PeerCredentials, kill: bool) -> None:
-    """Raises the handler's fatal error, if it has one, after killing the peer (when asked)."""
+def _fail_stop(handler: pw.Handler, guard: PeerGuard, kill: bool) -> None:
+    """Raises the handler's fatal error, if it has one, after killing the peer (when asked)
+    through the pidfd taken when it connected."""
     try:
         handler.check()
     except pw.PagewardenError:
-        if kill:
-            _kill(peer.pid)
+        if kill and guard.kill():
+            log.error(
+                "killed Firecracker (pid %d): its memory can no longer be served correctly",
+                guard.peer.pid,
+            )
         raise
 
 
-def _run_until_peer_exits(handler: pw.Handler, peer: PeerCredentials, kill: bool) -> None:
-    try:
-        pidfd = os.pidfd_open(peer.pid)
-    except OSError:
-        # Old kernel, or the peer is already gone: poll with kill(pid, 0).
+def _run_until_peer_exits(handler: pw.Handler, guard: PeerGuard, kill: bool) -> None:
+    pidfd = guard.pidfd
+    if pidfd is None:
+        # Old kernel, or a peer we cannot see: poll with kill(pid, 0).
         while True:
-            _fail_stop(handler, peer, kill)
+            _fail_stop(handler, guard, kill)
             try:
-                os.kill(peer.pid, 0)
+                os.kill(guard.peer.pid, 0)
             except ProcessLookupError:
                 return
             time.sleep(0.2)
-    try:
-        # Sleep until the peer exits or the handler signals (completion, failure, stop).
-        watched = [pidfd, handler.fileno()]
-        while True:
-            ready, _, _ = select.select(watched, [], [])
-            if pidfd in ready:
-                return
-            try:
-                handler.process_events()
-            except pw.PagewardenError:
-                _fail_stop(handler, peer, kill)
-                # No fatal error: the loop stopped because the peer's memory is going away.
-                watched = [pidfd]
-    finally:
-        os.close(pidfd)
+    # Sleep until the peer exits or the handler signals (completion, failure, stop).
+    watched = [pidfd, handler.fileno()]
+    while True:
+        ready, _, _ = select.select(watched, [], [])
+        if pidfd in ready:
+            return
+        try:
+            handler.process_events()
+        except pw.PagewardenError:
+            _fail_stop(handler, guard, kill)
+            # No fatal error: the loop stopped because the peer's memory is going away.
+            watched = [pidfd]
 
 
 def abandon(state_dir: str | os.PathLike[str]) -> str:
@@ -759,16 +758,7 @@ def abandon(state_dir: str | os.PathLike[str]) -> str:
 
         uffd = _native._take_uffd(saved.uffd_holder_pid, saved.uffd_holder_start_time)
         try:
-            memories = [
-                pw.GuestMemory.remote(
-                    saved.peer_pid,
-                    r.base_host_virt_addr,
-                    r.size,
-                    r.page_size,
-                    guest_address=r.offset,
-                )
-                for r in saved.regions
-            ]
+            memories = _memories(saved.peer_pid, saved.regions)
             page_size = saved.regions[0].page_size
             # Never started: closing it fences what is missing and unregisters, which also
             # wakes threads left waiting on faults the dead handler had read.
