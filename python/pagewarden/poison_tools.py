@@ -154,7 +154,12 @@ def load_in_space(
     """Reads a poison list that must name ``space`` addresses. A text list that does not say
     is taken as ``assume`` when given (an option whose name states the space), and refused
     otherwise; a list in the other space is refused. PoisonFileError says what to do."""
-    loaded = load_list(path, page_size)
+    return _in_space(load_list(path, page_size), path, space, assume)
+
+
+def _in_space(
+    loaded: PoisonList, path: str | os.PathLike[str], space: str, assume: str | None = None
+) -> pw.PoisonSet:
     found = loaded.space or assume
     if found is None:
         raise _text_error(
@@ -193,8 +198,7 @@ def load_any(path: str | os.PathLike[str], page_size: int = 4096) -> tuple[pw.Po
     """Loads a poison list of image offsets (a JSON poison file, a journal or a text list that
     says ``# address-space: image-offset``); returns the set and the form's name."""
     loaded = load_list(path, page_size)
-    load_in_space(path, IMAGE_OFFSET, page_size)
-    return loaded.poison, loaded.form
+    return _in_space(loaded, path, IMAGE_OFFSET), loaded.form
 
 
 def to_text(poison: pw.PoisonSet, space: str = IMAGE_OFFSET) -> str:

@@ -45,7 +45,13 @@ from pagewarden.firecracker.handshake import (
     parse_owner,
     peer_credentials,
 )
-from pagewarden.firecracker.layout import DEFAULT_FAMILY, FAMILIES, GuestLayout, parse_addresses
+from pagewarden.firecracker.layout import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    GuestLayout,
+    pages_holding,
+    parse_addresses,
+)
 from pagewarden.firecracker.serve import (
     PREFETCH_MODES,
     _Common,
@@ -423,7 +429,7 @@ class SessionManager:
         if spec.poison is not None:
             offsets, gpas = poison_tools.load_by_space(spec.poison, "field `poison`")
         if spec.poison_gpa:
-            extra = pw.PoisonSet([a & ~4095 for a in spec.poison_gpa])
+            extra = pages_holding(spec.poison_gpa)
             gpas = extra if gpas is None else gpas.with_page_size(4096) | extra
         if spec.source is not None:
             token = None

@@ -19,7 +19,12 @@ import pagewarden as pw
 from pagewarden import poison_tools
 from pagewarden.firecracker import access_order
 from pagewarden.firecracker.handshake import SocketAccess, parse_mode, parse_owner
-from pagewarden.firecracker.layout import DEFAULT_FAMILY, FAMILIES, parse_addresses
+from pagewarden.firecracker.layout import (
+    DEFAULT_FAMILY,
+    FAMILIES,
+    pages_holding,
+    parse_addresses,
+)
 from pagewarden.firecracker.serve import PREFETCH_MODES, serve
 
 log = logging.getLogger("pagewarden.firecracker")
@@ -220,8 +225,7 @@ def _poison_options(
         )
     if args.poison_gpa:
         # A machine-check report names a byte: the page that holds it is poisoned.
-        pages = [a & ~4095 for a in parse_addresses(args.poison_gpa)]
-        gpas = join(gpas, pw.PoisonSet(pages))
+        gpas = join(gpas, pages_holding(parse_addresses(args.poison_gpa)))
     return offsets, gpas
 
 

@@ -245,3 +245,8 @@ def parse_addresses(texts: Iterable[str], what: str = "--poison-gpa") -> list[in
             raise pw.ConfigurationError(errno.EINVAL, f"{what} {text!r} is negative")
         out.append(value)
     return out
+
+
+def pages_holding(addresses: Iterable[int], page_size: int = 4096) -> pw.PoisonSet:
+    """The pages that hold these byte addresses (a machine-check report names a byte)."""
+    return pw.PoisonSet([a - a % page_size for a in addresses], page_size=page_size)
