@@ -45,6 +45,11 @@ pub enum Error {
     #[error("{0}")]
     Protocol(String),
 
+    /// A record of the encrypted stream failed to open: changed, replayed, reordered, cut or
+    /// from another connection. The connection is closed; nothing of it was used.
+    #[error("{0}")]
+    Integrity(String),
+
     /// A system call failed where no more specific error applies.
     #[error("{op} failed: {errno}")]
     Os {
@@ -74,6 +79,7 @@ impl Error {
             Error::GuestAddress(_) => Errno::EFAULT,
             Error::Config(_) => Errno::EINVAL,
             Error::Protocol(_) => Errno::EPROTO,
+            Error::Integrity(_) => Errno::EBADMSG,
             Error::Os { errno, .. } => *errno,
         }
     }

@@ -94,7 +94,7 @@ pub fn to_py(error: Error) -> PyErr {
         Error::HandlerClosed(_) => HandlerClosedError::new_err(args),
         Error::GuestAddress(_) => GuestAddressError::new_err(args),
         Error::Config(_) => ConfigurationError::new_err(args),
-        Error::Protocol(_) => ProtocolError::new_err(args),
+        Error::Protocol(_) | Error::Integrity(_) => ProtocolError::new_err(args),
         Error::Os { .. } => PagewardenError::new_err(args),
     }
 }

@@ -23,9 +23,10 @@ use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::protocol::{
-    check_token, client_handshake, expect_header, read_payload, read_text, write_frame, Geometry,
+    tls_or_token, client_handshake, expect_header, read_payload, read_text, write_frame, Geometry,
     Header, Kind, Role, FLAG_URGENT, MAX_DATA,
 };
+use super::secure::{client_channel, SecureReader, SecureStream, SecureWriter, Security};
 use crate::error::{Error, Result};
 use crate::source::{Completion, PageData, PageSource, Want};
 
@@ -65,6 +66,10 @@ pub struct RemoteConfig {
     /// behind it, but on a host whose CPUs are all busy the push advances only in idle time.
     /// Off, the bulk receiver runs at normal priority.
     pub background_idle: bool,
+    /// An x509 directory (QEMU's `tls-creds-x509` layout): mutual TLS 1.3 instead of Noise.
+    pub tls_dir: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry (default: the host of `address`).
+    pub tls_server_name: Option<String>,
 }
 
 impl RemoteConfig {
@@ -80,6 +85,8 @@ impl RemoteConfig {
             connect_timeout: Duration::from_secs(5),
             urgent_channel: true,
             background_idle: true,
+            tls_dir: None,
+            tls_server_name: None,
         }
     }
 }
@@ -118,6 +125,9 @@ remote_counters! {
     connect_failures,
     /// 1 while connected, 0 while reconnecting.
     connected,
+    /// Connections closed because a record failed authentication (changed, replayed,
+    /// reordered, cut or from another connection on the way).
+    records_rejected,
 }
 
 #[derive(Debug)]
@@ -133,7 +143,7 @@ struct Request {
 #[derive(Default)]
 struct Channel {
     requests: VecDeque<Request>,
-    stream: Option<TcpStream>,
+    stream: Option<SecureWriter<TcpStream>>,
 }
 
 #[derive(Default)]
@@ -171,6 +181,8 @@ struct Inner {
     config: RemoteConfig,
     /// The HMAC key (the token, checked).
     key: Vec<u8>,
+    /// How connections are protected.
+    security: Security,
     geometry: Geometry,
     ready: EventFd,
     /// Background answers, applied one per `drain` after every urgent one.
@@ -217,8 +229,11 @@ impl std::fmt::Debug for RemoteSource {
     }
 }
 
+/// One connection's halves: answers are read on one thread, requests written on another.
+type Halves = (SecureReader<TcpStream>, SecureWriter<TcpStream>);
+
 /// Both connections to a server, authenticated, and what it announced.
-type Connected = (Geometry, Vec<(u64, u64)>, [TcpStream; 2]);
+type Connected = (Geometry, Vec<(u64, u64)>, [Halves; 2]);
 
 /// Opens one connection: through the operator's connector when there is one, else TCP.
 fn open_stream(config: &RemoteConfig, role: Role) -> Result<TcpStream> {
@@ -240,18 +255,52 @@ fn open_stream(config: &RemoteConfig, role: Role) -> Result<TcpStream> {
         .map_err(|e| super::protocol::io_error("connecting to the page server", e))
 }
 
+/// How `config` protects its connections: TLS with an x509 directory, else Noise with the
+/// token, else (no token, loopback) plaintext.
+pub fn security_of(config: &RemoteConfig, key: &[u8]) -> Result<Security> {
+    match &config.tls_dir {
+        Some(dir) => {
+            let name = config
+                .tls_server_name
+                .clone()
+                .unwrap_or_else(|| super::tls::host_of(&config.address).to_string());
+            super::tls::client_security(dir, &name)
+        }
+        None => Ok(Security::for_token(key)),
+    }
+}
+
 /// Opens both connections and runs the handshakes with `key`.
-fn connect(config: &RemoteConfig, key: &[u8]) -> Result<Connected> {
-    let open = |role: Role| -> Result<(TcpStream, super::protocol::ServerInfo)> {
+fn connect(config: &RemoteConfig, key: &[u8], security: &Security) -> Result<Connected> {
+    let open = |role: Role| -> Result<(Halves, super::protocol::ServerInfo)> {
         let mut s = open_stream(config, role)?;
         let _ = s.set_nodelay(true);
         s.set_read_timeout(Some(config.connect_timeout))
             .and_then(|_| s.set_write_timeout(Some(config.connect_timeout)))
             .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
-        let info = client_handshake(&mut s, key, role)?;
+        let (reader, writer) = client_channel(&mut s, security)?;
+        let mut secure = SecureStream {
+            inner: &mut s,
+            reader,
+            writer,
+        };
+        let info = client_handshake(&mut secure, key, role)?;
+        let SecureStream { reader, writer, .. } = secure;
         s.set_read_timeout(None)
             .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
-        Ok((s, info))
+        let read_half = s
+            .try_clone()
+            .map_err(|e| super::protocol::io_error("cloning a socket", e))?;
+        Ok((
+            (
+                SecureReader {
+                    inner: read_half,
+                    reader,
+                },
+                SecureWriter { inner: s, writer },
+            ),
+            info,
+        ))
     };
     let (bulk, info) = open(Role::Bulk)?;
     let (urgent, info2) = open(Role::Urgent)?;
@@ -277,13 +326,15 @@ impl RemoteSource {
                 .map(|a| a.collect())
                 .unwrap_or_default()
         };
-        let key = check_token(
+        let key = tls_or_token(
+            config.tls_dir.is_some(),
             config.token.as_deref(),
             config.insecure_no_token,
             Some((&config.address, &addrs)),
         )?;
-        let (geometry, poison, streams) = connect(&config, &key)?;
-        let inner = Arc::new(Inner::new(config, key, geometry)?);
+        let security = security_of(&config, &key)?;
+        let (geometry, poison, streams) = connect(&config, &key, &security)?;
+        let inner = Arc::new(Inner::new(config, key, security, geometry)?);
         {
             let mut channels = lock(&inner.channels);
             channels.ch[0].requests.reserve(4096);
@@ -361,10 +412,16 @@ impl Drop for RemoteSource {
 
 impl Inner {
     /// The state of a source with nothing connected, asked or received yet.
-    fn new(config: RemoteConfig, key: Vec<u8>, geometry: Geometry) -> Result<Self> {
+    fn new(
+        config: RemoteConfig,
+        key: Vec<u8>,
+        security: Security,
+        geometry: Geometry,
+    ) -> Result<Self> {
         Ok(Self {
             config,
             key,
+            security,
             geometry,
             ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| Error::os("eventfd", e))?,
@@ -419,7 +476,7 @@ impl Inner {
         let channels = lock(&self.channels);
         for c in &channels.ch {
             if let Some(s) = &c.stream {
-                let _ = s.shutdown(Shutdown::Both);
+                let _ = s.inner.shutdown(Shutdown::Both);
             }
         }
     }
@@ -428,18 +485,14 @@ impl Inner {
     /// poison the server knows (again), and starts one receiver per connection.
     fn install(
         self: &Arc<Self>,
-        streams: [TcpStream; 2],
+        streams: [Halves; 2],
         poison: &[(u64, u64)],
     ) -> Result<Vec<JoinHandle<()>>> {
         let mut readers = Vec::with_capacity(2);
         {
             let mut channels = lock(&self.channels);
-            for (i, stream) in streams.into_iter().enumerate() {
-                let reader = stream
-                    .try_clone()
-                    .map_err(|e| super::protocol::io_error("cloning a socket", e))?;
+            for (i, (reader, mut writer)) in streams.into_iter().enumerate() {
                 let ch = &mut channels.ch[i];
-                let mut writer = stream;
                 for r in ch.requests.iter_mut() {
                     // Only the unanswered rest is asked for again.
                     r.guest_address += r.done;
@@ -566,7 +619,7 @@ impl Inner {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 first = false;
-                match connect(&self.config, &self.key) {
+                match connect(&self.config, &self.key, &self.security) {
                     Ok((geometry, poison, streams)) if geometry == self.geometry => {
                         match self.install(streams, &poison) {
                             Ok(threads) => {
@@ -593,7 +646,10 @@ impl Inner {
                         )));
                         return;
                     }
-                    Err(e @ Error::Protocol(_)) => {
+                    // A refused handshake is retried until give_up_after: on the path, a changed
+                    // byte looks the same as a wrong key, and a server that restarted with
+                    // another token is told apart by the give-up message.
+                    Err(e @ Error::Protocol(_)) if !e.to_string().starts_with("authentication") => {
                         self.push_failure(e);
                         return;
                     }
@@ -662,7 +718,7 @@ impl Inner {
     }
 
     /// One connection's receiver: reads answers until the connection ends.
-    fn receive(self: Arc<Self>, channel: usize, mut stream: TcpStream) {
+    fn receive(self: Arc<Self>, channel: usize, mut stream: SecureReader<TcpStream>) {
         if channel == Role::Bulk as usize && self.config.background_idle {
             // Background data waits for the CPU while any thread waits for a page.
             let _ = crate::sys::make_this_thread_background();
@@ -674,6 +730,12 @@ impl Inner {
                 self.stop.store(true, Ordering::Release);
                 self.push_failure(e);
                 self.lost("protocol error".into());
+            }
+            Err(e @ Error::Integrity(_)) => {
+                // Changed on the way: nothing of the record was used. Ask again on a new
+                // connection; an attacker who keeps at it only delays until give_up_after.
+                self.stats.records_rejected.fetch_add(1, Ordering::Relaxed);
+                self.lost(e.to_string());
             }
             Err(e) => self.lost(e.to_string()),
         }
@@ -869,7 +931,7 @@ impl PageSource for RemoteSource {
             }
             if write_frame(stream, &h, &[]).is_err() {
                 // The receiver notices too; the request is asked again after the reconnect.
-                let _ = stream.shutdown(Shutdown::Both);
+                let _ = stream.inner.shutdown(Shutdown::Both);
             }
         }
         let counter = if urgent {
@@ -994,7 +1056,12 @@ impl RemoteSource {
         requests: &[(u64, u64)],
         input: &[u8],
     ) -> (Result<()>, Vec<(u64, u64)>) {
-        let inner = Inner::new(RemoteConfig::new("fuzz:0", None), Vec::new(), geometry)
+        let inner = Inner::new(
+            RemoteConfig::new("fuzz:0", None),
+            Vec::new(),
+            Security::Plain,
+            geometry,
+        )
             .unwrap_or_else(|e| panic!("{e}"));
         {
             let mut channels = lock(&inner.channels);
@@ -1031,7 +1098,12 @@ mod tests {
 
     fn source(page_size: u64) -> RemoteSource {
         let geometry = Geometry::new(page_size, 64 << 20).unwrap_or_else(|e| panic!("{e}"));
-        let inner = Inner::new(RemoteConfig::new("test:0", None), Vec::new(), geometry)
+        let inner = Inner::new(
+            RemoteConfig::new("test:0", None),
+            Vec::new(),
+            Security::Plain,
+            geometry,
+        )
             .unwrap_or_else(|e| panic!("{e}"));
         RemoteSource {
             inner: Arc::new(inner),

@@ -5,6 +5,8 @@ pub mod client;
 #[cfg(test)]
 mod fuzz;
 pub mod protocol;
+pub mod secure;
+pub mod tls;
 pub mod server;
 #[cfg(test)]
 mod tests;

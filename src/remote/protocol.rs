@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 /// The first eight payload bytes of HELLO and CHALLENGE.
 pub const MAGIC: [u8; 8] = *b"PGWARDEN";
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 24;
 /// The largest REQUEST and DATA frame: 4 MiB of guest memory.
@@ -88,6 +88,31 @@ pub fn check_token(
             ))),
             _ => Ok(Vec::new()),
         },
+    }
+}
+
+/// The HMAC key for a connection, as [`check_token`] says, except that with an x509 directory
+/// (`tls`) the certificates authenticate and the token is optional (`insecure_no_token`, which
+/// turns protection off, is refused there).
+pub fn tls_or_token(
+    tls: bool,
+    token: Option<&[u8]>,
+    insecure_no_token: bool,
+    address: Option<(&str, &[SocketAddr])>,
+) -> Result<Vec<u8>> {
+    if !tls {
+        return check_token(token, insecure_no_token, address);
+    }
+    if insecure_no_token {
+        return Err(Error::Config(
+            "insecure_no_token turns protection off; it cannot be combined with an x509 \
+             directory (tls_dir), which authenticates both ends"
+                .into(),
+        ));
+    }
+    match token {
+        None => Ok(Vec::new()),
+        Some(t) => check_token(Some(t), false, address),
     }
 }
 
@@ -290,6 +315,9 @@ pub enum Role {
 
 /// Maps an I/O error to the core error: connection trouble is `Os` (worth a reconnect).
 pub fn io_error(op: &str, e: std::io::Error) -> Error {
+    if let Some(why) = super::secure::integrity_of(&e) {
+        return Error::Integrity(format!("{op}: {why}"));
+    }
     let errno = match e.kind() {
         ErrorKind::UnexpectedEof => Errno::ECONNRESET,
         ErrorKind::WouldBlock | ErrorKind::TimedOut => Errno::ETIMEDOUT,
@@ -406,8 +434,8 @@ fn mac(token: &[u8], label: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
     m
 }
 
-const SERVER_LABEL: &[u8] = b"pagewarden v1 server proof";
-const CLIENT_LABEL: &[u8] = b"pagewarden v1 client proof";
+const SERVER_LABEL: &[u8] = b"pagewarden v2 server proof";
+const CLIENT_LABEL: &[u8] = b"pagewarden v2 client proof";
 
 /// What a server announced in its handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,9 +23,10 @@ use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 
 use super::protocol::{
-    check_token, io_error, read_header, server_handshake, write_all_vectored, Geometry, Header,
+    io_error, tls_or_token, read_header, server_handshake, write_all_vectored, Geometry, Header,
     Kind, Role, FLAG_URGENT, HEADER_LEN, MAX_DATA, MAX_POISON_RANGES, MAX_TEXT,
 };
+use super::secure::{server_channel, SecureStream, Security};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::poison::PoisonSet;
@@ -485,6 +486,9 @@ pub struct ServerConfig {
     /// Serve bulk (background) connections under `SCHED_IDLE` (the default), so that urgent
     /// requests never wait for a CPU behind them; off, at normal priority.
     pub background_idle: bool,
+    /// An x509 directory (QEMU's `tls-creds-x509` layout): mutual TLS 1.3 instead of Noise;
+    /// the token becomes optional.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -495,6 +499,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             background_idle: true,
+            tls_dir: None,
         }
     }
 }
@@ -529,11 +534,14 @@ pub struct ServerStats {
     pub pages_failed: u64,
     /// Source pages found unreadable while serving and added to the poison set.
     pub poison_discovered: u64,
+    /// Connections closed because a record failed authentication (changed, replayed,
+    /// reordered, cut or from another connection on the way).
+    pub records_rejected: u64,
 }
 
 impl ServerStats {
     /// (name, value) pairs, in declaration order.
-    pub fn pairs(&self) -> [(&'static str, u64); 13] {
+    pub fn pairs(&self) -> [(&'static str, u64); 14] {
         [
             ("connections_accepted", self.connections_accepted),
             ("connections_active", self.connections_active),
@@ -548,6 +556,7 @@ impl ServerStats {
             ("pages_poison", self.pages_poison),
             ("pages_failed", self.pages_failed),
             ("poison_discovered", self.poison_discovered),
+            ("records_rejected", self.records_rejected),
         ]
     }
 }
@@ -567,6 +576,7 @@ struct Counters {
     pages_poison: AtomicU64,
     pages_failed: AtomicU64,
     poison_discovered: AtomicU64,
+    records_rejected: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -586,6 +596,8 @@ struct Shared {
     geometry: Geometry,
     /// The HMAC key (empty without a token).
     token: Vec<u8>,
+    /// How connections are protected.
+    security: Security,
     config: ServerConfig,
     /// Known poison plus poison discovered while serving, at the served page size.
     poison: RwLock<PoisonSet>,
@@ -639,11 +651,16 @@ impl Server {
                 })?
                 .collect(),
         };
-        let token = check_token(
+        let token = tls_or_token(
+            config.tls_dir.is_some(),
             config.token.as_deref(),
             config.insecure_no_token,
             listen.map(|l| (l, &addrs[..])),
         )?;
+        let security = match &config.tls_dir {
+            Some(dir) => super::tls::server_security(dir)?,
+            None => Security::for_token(&token),
+        };
         let geometry = source.geometry();
         let poison = if poison.page_size() == geometry.page_size {
             poison.clone()
@@ -654,6 +671,7 @@ impl Server {
             source,
             geometry,
             token,
+            security,
             config,
             poison: RwLock::new(poison),
             counters: Counters::default(),
@@ -727,6 +745,7 @@ impl Server {
             pages_poison: get(&c.pages_poison),
             pages_failed: get(&c.pages_failed),
             poison_discovered: get(&c.poison_discovered),
+            records_rejected: get(&c.records_rejected),
         }
     }
 
@@ -878,6 +897,13 @@ impl Shared {
                     format!("page server: a connection was refused or closed: {e}"),
                 );
             }
+            Err(e @ Error::Integrity(_)) => {
+                bump(&c.records_rejected, 1);
+                crate::log::record(
+                    crate::log::Level::Warning,
+                    format!("page server: a connection was closed: {e}"),
+                );
+            }
             Err(_) => bump(&c.connection_errors, 1),
         }
     }
@@ -893,7 +919,7 @@ impl Shared {
         stream
             .set_write_timeout(Some(self.config.write_timeout))
             .map_err(setup)?;
-        self.serve_io(stream, |s: &mut Stream| {
+        self.serve_io(stream, |s: &mut &mut Stream| {
             // Between requests a destination may be idle for as long as its guest touches no
             // missing page; only writes keep a deadline.
             s.set_read_timeout(None).map_err(setup)
@@ -903,12 +929,19 @@ impl Shared {
     fn serve_io<S: Read + Write>(
         &self,
         s: &mut S,
-        after_handshake: impl FnOnce(&mut S) -> Result<()>,
+        after_handshake: impl FnOnce(&mut &mut S) -> Result<()>,
     ) -> Result<()> {
+        let (reader, writer) = server_channel(s, &self.security)?;
+        let mut s = SecureStream {
+            inner: s,
+            reader,
+            writer,
+        };
+        let s = &mut s;
         let poison = self.poison_ranges();
         let role = server_handshake(s, &self.token, self.geometry, &poison)?;
         drop(poison);
-        after_handshake(s)?;
+        after_handshake(&mut s.inner)?;
         if role == Role::Bulk && self.config.background_idle {
             // The background stream yields the CPU to the urgent connections' threads, so a
             // fault's request is never served behind megabytes of background data.
@@ -1088,7 +1121,10 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::protocol::{client_handshake, expect_header, read_payload};
+    use crate::remote::protocol::{expect_header, read_payload};
+    use crate::remote::secure::client_connect;
+
+    type Conn = SecureStream<UnixStream>;
 
     const PAGE: u64 = 4096;
     const TOKEN: &[u8] = b"0123456789abcdef0123";
@@ -1119,7 +1155,7 @@ mod tests {
     /// Frames answering one request, as (kind, guest address, length, payload).
     type Reply = Vec<(Kind, u64, u64, Vec<u8>)>;
 
-    fn request(s: &mut UnixStream, at: u64, len: u64) -> Reply {
+    fn request(s: &mut Conn, at: u64, len: u64) -> Reply {
         write_frame_request(s, at, len, 0);
         let mut frames = Vec::new();
         let mut covered = at;
@@ -1142,17 +1178,17 @@ mod tests {
         frames
     }
 
-    fn write_frame_request(s: &mut UnixStream, at: u64, len: u64, flags: u8) {
+    fn write_frame_request(s: &mut Conn, at: u64, len: u64, flags: u8) {
         let mut h = Header::new(Kind::Request, at, len);
         h.flags = flags;
         crate::remote::protocol::write_frame(s, &h, &[]).unwrap();
     }
 
-    fn connect(server: &Server, role: Role) -> (UnixStream, Vec<(u64, u64)>) {
-        let (mut a, b) = UnixStream::pair().unwrap();
+    fn connect(server: &Server, role: Role) -> (Conn, Vec<(u64, u64)>) {
+        let (a, b) = UnixStream::pair().unwrap();
         server.serve_stream(Stream::Unix(b)).unwrap();
-        let info = client_handshake(&mut a, TOKEN, role).unwrap();
-        (a, info.poison)
+        let (c, info) = client_connect(a, &Security::for_token(TOKEN), TOKEN, role).unwrap();
+        (c, info.poison)
     }
 
     #[test]
@@ -1283,11 +1319,11 @@ mod tests {
     #[test]
     fn a_wrong_token_is_an_auth_failure() {
         let server = server_with(MemorySource::from_vec(image(), PAGE).unwrap(), &[]);
-        let (mut a, b) = UnixStream::pair().unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
         server.serve_stream(Stream::Unix(b)).unwrap();
-        let e = client_handshake(&mut a, b"another token of some length", Role::Bulk).unwrap_err();
-        assert!(e.to_string().contains("does not know the token"));
-        drop(a);
+        let other = b"another token of some length";
+        let e = client_connect(a, &Security::for_token(other), other, Role::Bulk).unwrap_err();
+        assert!(e.to_string().contains("authentication failed"), "{e}");
         server.close();
         // The client gives up before AUTH: the server sees its connection end mid-handshake.
         let st = server.stats();
@@ -1334,8 +1370,9 @@ mod tests {
             Some("127.0.0.1:0"),
         )
         .unwrap();
-        let mut c = TcpStream::connect(server.address().unwrap()).unwrap();
-        let info = client_handshake(&mut c, TOKEN, Role::Bulk).unwrap();
+        let c = TcpStream::connect(server.address().unwrap()).unwrap();
+        let (mut c, info) =
+            client_connect(c, &Security::for_token(TOKEN), TOKEN, Role::Bulk).unwrap();
         assert_eq!(info.geometry.memory_size, 16 * PAGE);
         let mut h = Header::new(Kind::Request, PAGE, PAGE);
         h.flags = FLAG_URGENT;

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::{RemoteConfig, RemoteSource};
-use super::protocol::{read_header, server_handshake, write_frame, Geometry, Header, Kind};
+use super::protocol::{read_header, write_frame, Geometry, Header, Kind};
+use super::secure::{server_accept, Security};
 use crate::engine::tests::uffd_usable;
 use crate::engine::{Handler, HandlerConfig, Mode};
 use crate::error::Error;
@@ -31,13 +32,14 @@ fn mini_server(image: Arc<Vec<u8>>, known: Vec<u64>, hidden: Vec<u64>, how: Beha
     let g = Geometry::new(4096, image.len() as u64).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming() {
-            let Ok(mut s) = stream else { return };
+            let Ok(s) = stream else { return };
             let (image, known, hidden) = (image.clone(), known.clone(), hidden.clone());
             std::thread::spawn(move || {
                 let poison: Vec<(u64, u64)> = known.iter().map(|&a| (a, 4096)).collect();
-                if server_handshake(&mut s, TOKEN, g, &poison).is_err() {
+                let Ok((mut s, _)) = server_accept(s, &Security::for_token(TOKEN), TOKEN, g, &poison)
+                else {
                     return;
-                }
+                };
                 while let Ok(Some(h)) = read_header(&mut s) {
                     let mut a = h.guest_address;
                     while a < h.guest_address + h.length {
