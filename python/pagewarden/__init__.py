@@ -33,6 +33,7 @@ from pagewarden._native import (
     ZeroSource,
     __version__,
     capabilities,
+    make_test_certificates,
     page_checksum,
     serve,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "ZeroSource",
     "__version__",
     "capabilities",
+    "make_test_certificates",
     "page_checksum",
     "serve",
 ]

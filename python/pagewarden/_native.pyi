@@ -278,6 +278,8 @@ class RemoteSource:
         window: int = 16777216,
         urgent_channel: bool = True,
         background: Literal["idle", "normal"] = "idle",
+        tls_dir: str | PathLike[str] | None = None,
+        tls_server_name: str | None = None,
     ) -> Self: ...
     @property
     def address(self) -> str:
@@ -455,5 +457,14 @@ def serve(
     handshake_timeout: float = 10.0,
     write_timeout: float = 30.0,
     background: Literal["idle", "normal"] = "idle",
+    tls_dir: str | PathLike[str] | None = None,
 ) -> Server:
     """Starts a page server for ``source`` on native threads."""
+
+def make_test_certificates(
+    directory: str | PathLike[str],
+    hostnames: Sequence[str] = (),
+    days: int = 365,
+    force: bool = False,
+) -> list[Path]:
+    """Makes a test CA and server and client certificates (QEMU's tls-creds-x509 layout)."""

@@ -155,11 +155,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         source = _serve_source(args)
-        if args.token_file is None and not args.insecure_no_token:
+        if args.token_file is None and args.tls_dir is None and not args.insecure_no_token:
             raise _UsageProblem(
-                "--token-file is required: create one with "
+                "--token-file or --tls-dir is required: create a token with "
                 "`head -c 32 /dev/urandom | base64 > token` and give the same file to the "
-                "destination (--insecure-no-token only on a loopback address, for testing)"
+                "destination, or an x509 directory (`pagewarden tls-certs DIR` for a test set); "
+                "--insecure-no-token only on a loopback address, for testing"
             )
         token = _read_token(args.token_file) if args.token_file is not None else None
         poison = poison_tools.load_any(args.poison)[0] if args.poison else None
@@ -170,6 +171,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             token=token,
             insecure_no_token=args.insecure_no_token,
             background=args.background,
+            tls_dir=args.tls_dir,
         )
     except (_UsageProblem, pw.ConfigurationError, pw.PoisonFileError, pw.SourceError) as e:
         message = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -185,6 +187,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         try:
             # From the moment the address is out, SIGINT or SIGTERM means "stop with a summary".
             # They reach this thread promptly: pagewarden's own threads block them.
+            if args.insecure_no_token:
+                print(
+                    "pagewarden serve: warning: plaintext: no authentication and no encryption "
+                    "(--insecure-no-token, loopback only; for testing)",
+                    file=sys.stderr,
+                    flush=True,
+                )
             print(f"listening on {shown}:{port}", flush=True)
             while True:
                 time.sleep(interval if interval > 0 else 3600.0)
@@ -462,11 +471,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "`# address-space: image-offset` line",
     )
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default 127.0.0.1:0)")
-    p.add_argument("--token-file", help="file holding the shared token (at least 16 bytes)")
+    p.add_argument(
+        "--token-file",
+        help="file holding the shared token (at least 16 bytes): connections are authenticated "
+        "and encrypted with it",
+    )
+    p.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="x509 directory as QEMU's tls-creds-x509 (ca-cert.pem, server-cert.pem, "
+        "server-key.pem): mutual TLS 1.3 instead of the token",
+    )
     p.add_argument(
         "--insecure-no-token",
         action="store_true",
-        help="serve without a token (loopback addresses only; for testing)",
+        help="serve plaintext without a token (loopback addresses only; for testing)",
     )
     p.add_argument(
         "--background",
@@ -476,6 +495,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "for a CPU behind them) or normal priority (for hosts whose CPUs are always busy)",
     )
     p.set_defaults(func=_cmd_serve)
+    p = sub.add_parser(
+        "tls-certs",
+        help="a test CA and certificates for mutual TLS between serve and a destination",
+        description="Write a test CA, a server certificate (for the names given and localhost) "
+        "and a client certificate, signed by it, to DIR in the layout of QEMU's "
+        "tls-creds-x509: ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, "
+        "client-key.pem (and ca-key.pem). For trying --tls-dir; a site with a PKI issues its own.",
+    )
+    from pagewarden import tls_certs
+
+    tls_certs.add_arguments(p)
+    p.set_defaults(func=tls_certs.run)
     p = sub.add_parser(
         "kvm-check",
         help="a real vCPU (/dev/kvm) reads guest pages served by pagewarden, some poisoned",

@@ -53,7 +53,15 @@ fn connected_stream(
 /// With `connect`, a callable returning a connected stream socket (a tunnel, a TLS terminator's
 /// local end), pagewarden does not dial `address`: it calls `connect()` for each of its two
 /// connections and again on every reconnect; `address` then only names the server in messages,
-/// and a token is required.
+/// and a token (or `tls_dir`) is required.
+///
+/// Every connection is authenticated and encrypted: with the token (Noise, keys fresh to the
+/// connection), or with `tls_dir`, an x509 directory laid out as QEMU's tls-creds-x509
+/// (ca-cert.pem, client-cert.pem, client-key.pem), by mutual TLS 1.3; the server's certificate
+/// must name `tls_server_name` (default: the host of `address`). A record changed, replayed,
+/// reordered or cut on the way closes the connection before any of it reaches guest memory;
+/// the pages are asked again on a new one (`stats()["records_rejected"]` counts these).
+/// `insecure_no_token=True` (loopback only) speaks plaintext.
 ///
 /// `window` bounds the bytes of background requests in flight. `urgent_channel=False` sends fault
 /// requests behind the background stream on one connection; it exists to measure what the
@@ -77,7 +85,7 @@ impl RemoteSource {
 impl RemoteSource {
     /// Connects to `address` ("host:port").
     #[new]
-    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 16777216, urgent_channel = true, background = "idle"))]
+    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 16777216, urgent_channel = true, background = "idle", tls_dir = None, tls_server_name = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
     fn new(
         py: Python<'_>,
@@ -89,6 +97,8 @@ impl RemoteSource {
         window: u64,
         urgent_channel: bool,
         background: &str,
+        tls_dir: Option<std::path::PathBuf>,
+        tls_server_name: Option<String>,
     ) -> PyResult<Self> {
         if !(give_up_after.is_finite() && give_up_after >= 0.0) {
             return Err(Error::Config(format!(
@@ -125,6 +135,8 @@ impl RemoteSource {
         config.window = window;
         config.urgent_channel = urgent_channel;
         config.background_idle = super::serve::background_is_idle(background)?;
+        config.tls_dir = tls_dir;
+        config.tls_server_name = tls_server_name;
         let core = py.detach(move || CoreRemote::connect(config)).py_err()?;
         Ok(Self {
             core: Arc::new(core),

@@ -240,15 +240,18 @@ pub(crate) fn background_is_idle(background: &str) -> PyResult<bool> {
 /// a buffer (bytes, bytearray, memoryview, mmap; kept alive while served) or a
 /// `ProcessMemory`. `poison` is sent to every destination up front; source pages found
 /// unreadable while serving join it. `listen` is "HOST:PORT" (port 0: any free port, see
-/// `Server.address`). `token` (bytes or str, at least 16 bytes) is the shared secret both hosts
-/// prove with HMAC-SHA256; it is mandatory unless `insecure_no_token=True` on a loopback
-/// address. `handshake_timeout` and `write_timeout` (seconds) drop peers that stall.
+/// `Server.address`). `token` (bytes or str, at least 16 bytes) is the shared secret: every
+/// connection is authenticated and encrypted with it (Noise, keys fresh to the connection). With
+/// `tls_dir`, an x509 directory laid out as QEMU's tls-creds-x509 (ca-cert.pem, server-cert.pem,
+/// server-key.pem; `pagewarden tls-certs` makes a test set), connections use mutual TLS 1.3
+/// instead and the token is optional. One of the two is mandatory unless
+/// `insecure_no_token=True` on a loopback address, which serves plaintext. `handshake_timeout` and `write_timeout` (seconds) drop peers that stall.
 /// `background="idle"` (the default) serves each destination's background stream under
 /// `SCHED_IDLE`, so fault requests never wait for a CPU behind it; `"normal"` serves it at
 /// normal priority, for a host whose CPUs are always busy (there an idle-priority stream would
 /// barely advance).
 #[pyfunction]
-#[pyo3(signature = (source, poison = None, listen = "127.0.0.1:0", token = None, insecure_no_token = false, handshake_timeout = 10.0, write_timeout = 30.0, background = "idle"))]
+#[pyo3(signature = (source, poison = None, listen = "127.0.0.1:0", token = None, insecure_no_token = false, handshake_timeout = 10.0, write_timeout = 30.0, background = "idle", tls_dir = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     py: Python<'_>,
@@ -260,6 +263,7 @@ pub fn serve(
     handshake_timeout: f64,
     write_timeout: f64,
     background: &str,
+    tls_dir: Option<std::path::PathBuf>,
 ) -> PyResult<Server> {
     let timeout = |name: &str, secs: f64| {
         if secs.is_finite() && secs > 0.0 {
@@ -277,6 +281,7 @@ pub fn serve(
         handshake_timeout: timeout("handshake_timeout", handshake_timeout)?,
         write_timeout: timeout("write_timeout", write_timeout)?,
         background_idle: background_is_idle(background)?,
+        tls_dir,
     };
     let source = source_of(py, source)?;
     let description = source.name();
@@ -291,10 +296,32 @@ pub fn serve(
     Ok(Server { inner, description })
 }
 
+/// Makes a test CA and a server and a client certificate signed by it in `directory` (created
+/// if missing), laid out as QEMU's tls-creds-x509 (ca-cert.pem, server-cert.pem,
+/// server-key.pem, client-cert.pem, client-key.pem, and ca-key.pem), valid for `days`. The
+/// server certificate names `hostnames` plus localhost, 127.0.0.1 and ::1. Keys are ECDSA P-256,
+/// mode 0600. Refuses to replace an existing set unless `force`. Returns the paths written.
+/// For trying mutual TLS; a site with a PKI issues its own.
+#[pyfunction]
+#[pyo3(signature = (directory, hostnames = Vec::new(), days = 365, force = false))]
+pub fn make_test_certificates(
+    py: Python<'_>,
+    directory: std::path::PathBuf,
+    hostnames: Vec<String>,
+    days: u32,
+    force: bool,
+) -> PyResult<Vec<std::path::PathBuf>> {
+    py.detach(|| {
+        crate::remote::tls::make_test_certificates(&directory, &hostnames, days, force)
+    })
+    .py_err()
+}
+
 /// Registers the page server's classes and `serve` on the module.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ProcessMemory>()?;
     m.add_class::<Server>()?;
     m.add_function(wrap_pyfunction!(serve, m)?)?;
+    m.add_function(wrap_pyfunction!(make_test_certificates, m)?)?;
     Ok(())
 }

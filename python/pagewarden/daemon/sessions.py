@@ -104,7 +104,11 @@ class SessionSpec:
     token_file: str | None = None
     """With ``source``: the page server's token file."""
     insecure_no_token: bool = False
-    """With ``source``: a loopback server without a token (testing)."""
+    """With ``source``: a loopback server without a token, plaintext (testing)."""
+    tls_dir: str | None = None
+    """With ``source``: an x509 directory (QEMU's tls-creds-x509 layout) for mutual TLS."""
+    tls_server_name: str | None = None
+    """With ``tls_dir``: the name the page server's certificate must carry."""
     socket_owner: str | None = None
     """``UID[:GID]`` for the socket (the jailer's)."""
     socket_mode: str = "0600"
@@ -130,7 +134,7 @@ class SessionSpec:
 
         strings = (
             "uffd_socket", "mem_file", "poison", "layout", "prefetch", "prefetch_order",
-            "source", "token_file", "socket_owner", "socket_mode",
+            "source", "token_file", "socket_owner", "socket_mode", "tls_dir", "tls_server_name",
         )  # fmt: skip
         for name in (*strings, "insecure_no_token", "kill_peer"):
             value = body.get(name)
@@ -435,7 +439,13 @@ class SessionManager:
             token = None
             if spec.token_file is not None:
                 token = Path(spec.token_file).read_bytes().removesuffix(b"\n")
-            s.source = pw.RemoteSource(spec.source, token, insecure_no_token=spec.insecure_no_token)
+            s.source = pw.RemoteSource(
+                spec.source,
+                token,
+                insecure_no_token=spec.insecure_no_token,
+                tls_dir=spec.tls_dir,
+                tls_server_name=spec.tls_server_name,
+            )
         uid, gid = parse_owner(spec.socket_owner) if spec.socket_owner else (None, None)
         s.access = SocketAccess(
             owner_uid=uid,

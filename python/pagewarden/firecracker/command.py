@@ -147,11 +147,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="fetch pages from this page server (serving the memory file) instead of MEMFILE",
     )
-    g.add_argument("--token-file", help="with --source: file holding the page server's token")
+    g.add_argument(
+        "--token-file",
+        help="with --source: file holding the page server's token (the stream is authenticated "
+        "and encrypted with it)",
+    )
+    g.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="with --source: x509 directory as QEMU's tls-creds-x509 (ca-cert.pem, "
+        "client-cert.pem, client-key.pem): mutual TLS 1.3 instead of the token",
+    )
+    g.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="with --tls-dir: the name the page server's certificate must carry (default: the "
+        "host of --source)",
+    )
     g.add_argument(
         "--insecure-no-token",
         action="store_true",
-        help="with --source: a loopback page server started without a token (for testing)",
+        help="with --source: a loopback page server started without a token, plaintext (for "
+        "testing)",
     )
     g.add_argument(
         "--give-up-after",
@@ -174,8 +191,8 @@ def _check_source_options(args: argparse.Namespace) -> None:
     if args.source is None:
         if args.memfile == "-":
             raise UsageProblem("MEMFILE - means pages come from a page server: add --source")
-        if args.token_file is not None or args.insecure_no_token:
-            raise UsageProblem("--token-file and --insecure-no-token are for --source")
+        if args.token_file is not None or args.insecure_no_token or args.tls_dir is not None:
+            raise UsageProblem("--token-file, --tls-dir and --insecure-no-token are for --source")
         if args.background is not None:
             raise UsageProblem(
                 "--background is for --source (a memory file is read on the fault path)"
@@ -192,13 +209,18 @@ def _check_source_options(args: argparse.Namespace) -> None:
             f"with --source, pages come from the page server: give MEMFILE as -, not "
             f"{args.memfile} (the server serves the memory file)"
         )
-    if args.token_file is None and not args.insecure_no_token:
+    if args.token_file is None and args.tls_dir is None and not args.insecure_no_token:
         raise UsageProblem(
-            "--source needs --token-file: the file holding the page server's token "
+            "--source needs --token-file (the file holding the page server's token) or "
+            "--tls-dir (an x509 directory) "
             "(--insecure-no-token only for a loopback server started with it, for testing)"
         )
-    if args.token_file is not None and args.insecure_no_token:
-        raise UsageProblem("give either --token-file or --insecure-no-token, not both")
+    if args.insecure_no_token and (args.token_file is not None or args.tls_dir is not None):
+        raise UsageProblem(
+            "--insecure-no-token turns protection off: not with --token-file or --tls-dir"
+        )
+    if args.tls_server_name is not None and args.tls_dir is None:
+        raise UsageProblem("--tls-server-name is for --tls-dir")
 
 
 def _poison_options(
@@ -306,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
                         give_up_after=args.give_up_after,
                         insecure_no_token=args.insecure_no_token,
                         background=args.background or "idle",
+                        tls_dir=args.tls_dir,
+                        tls_server_name=args.tls_server_name,
                     )
                 )
             except pw.ConfigurationError as e:
