@@ -55,8 +55,9 @@ def test_a_refused_client_is_logged_by_the_server(caplog: pytest.LogCaptureFixtu
     caplog.set_level(logging.INFO, logger="pagewarden")
     with pw.serve(bytes(64 * 1024), token=TOKEN) as server:
         assert server.address is not None
-        # A client that does not know the token answers the challenge with a made-up proof.
-        with socket.create_connection(server.address, timeout=10) as s:
+        # A client answers the challenge with a made-up proof (inside a good channel).
+        with socket.create_connection(server.address, timeout=10) as sock:
+            s = wire.client_channel(sock, TOKEN)
             hello = wire.MAGIC + struct.pack("<HB5x", wire.VERSION, wire.BULK) + bytes(32)
             s.sendall(wire.frame(wire.HELLO, payload=hello))
             assert wire.recv_frame(s).kind == wire.CHALLENGE

@@ -219,9 +219,10 @@ def fake_server(behaviour: str, size: int = 1 * MiB) -> Iterator[str]:
                     conn.sendall(os.urandom(4096))
                     conn.recv(1)
                     return
-                wire.server_handshake(conn, TOKEN, 4096, size)
+                chan = wire.server_channel(conn, TOKEN)
+                wire.server_handshake(chan, TOKEN, 4096, size)
                 while not stop.is_set():
-                    f = wire.recv_frame(conn)
+                    f = wire.recv_frame(chan)
                     if behaviour == "out_of_range":
                         reply = wire.frame(wire.DATA, size, 4096, bytes(4096))
                     elif behaviour == "wrong_length":
@@ -232,7 +233,9 @@ def fake_server(behaviour: str, size: int = 1 * MiB) -> Iterator[str]:
                         )
                     else:  # truncated
                         reply = wire.frame(wire.DATA, f.guest_address, 4096, b"\xee" * 4096)[:2000]
-                    conn.sendall(reply)
+                    # A truncated frame still travels in a whole record (it opens); the frame
+                    # inside it is cut short.
+                    chan.sendall(reply)
                     if behaviour == "truncated":
                         return
             except (OSError, AssertionError, PermissionError):

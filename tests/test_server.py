@@ -2,8 +2,10 @@
 well-behaved and hostile clients at the same time, stalled readers, the token rules, the CLI,
 and another process's memory with a poisoned page.
 
-``RawClient`` speaks protocol v1 from scratch with ``hmac``/``hashlib`` (docs/protocol.md), so
-these tests also pin the wire format down independently of the Rust client.
+``RawClient`` speaks protocol 2 from the specification (docs/protocol.md): the preamble, Noise
+from the ``noiseprotocol`` package (tests/wire.py) and the frame handshake with
+``hmac``/``hashlib``, so these tests also pin the wire format down independently of the Rust
+client.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import wire
 from conftest import PAGE, SETTLE_LIMIT, pagewarden_process, unavailable
 
 import pagewarden as pw
@@ -46,10 +49,12 @@ def frame(
 
 
 class RawClient:
-    """A protocol v1 client written from the specification."""
+    """A protocol 2 client written from the specification: ``raw`` is the socket, ``sock`` the
+    connection frames travel on (the Noise channel once :meth:`handshake` opened it)."""
 
     def __init__(self, address: tuple[str, int], token: bytes = TOKEN, role: int = BULK) -> None:
-        self.sock = socket.create_connection(address, timeout=SETTLE_LIMIT)
+        self.raw = socket.create_connection(address, timeout=SETTLE_LIMIT)
+        self.sock: wire.Conn = self.raw
         self.token = token
         self.role = role
         self.page_size = 0
@@ -57,7 +62,7 @@ class RawClient:
         self.poison: list[tuple[int, int]] = []
 
     def close(self) -> None:
-        self.sock.close()
+        self.raw.close()
 
     def recv_exact(self, n: int) -> bytes:
         data = bytearray()
@@ -74,28 +79,30 @@ class RawClient:
         )
         return kind, flags, payload_len, guest_address, length
 
-    def handshake(self, send_auth_anyway: bool = False) -> None:
-        """HELLO, CHALLENGE (check the server's proof), AUTH, WELCOME and the poison list."""
+    def handshake(self) -> None:
+        """The preamble and the channel, then HELLO, CHALLENGE (check the server's proof), AUTH,
+        WELCOME and the poison list."""
+        self.sock = wire.client_channel(self.raw, self.token or None)
         client_nonce = os.urandom(32)
-        hello = MAGIC + struct.pack("<HB5x", 1, self.role) + client_nonce
+        hello = MAGIC + struct.pack("<HB5x", 2, self.role) + client_nonce
         self.sock.sendall(frame(HELLO, payload=hello))
         kind, _, payload_len, _, _ = self.header()
         assert kind == CHALLENGE, kind
         c = self.recv_exact(payload_len)
-        assert c[:8] == MAGIC and struct.unpack("<H", c[8:10])[0] == 1
+        assert c[:8] == MAGIC and struct.unpack("<H", c[8:10])[0] == 2
         self.page_size, self.memory_size = struct.unpack("<QQ", c[16:32])
         server_nonce, proof = c[32:64], c[64:96]
         role = bytes([self.role])
         expected = hmac.new(
             self.token,
-            b"pagewarden v1 server proof" + client_nonce + server_nonce + role,
+            b"pagewarden v2 server proof" + client_nonce + server_nonce + role,
             hashlib.sha256,
         ).digest()
-        if not hmac.compare_digest(proof, expected) and not send_auth_anyway:
+        if not hmac.compare_digest(proof, expected):
             raise PermissionError("the server does not know our token")
         ours = hmac.new(
             self.token,
-            b"pagewarden v1 client proof" + server_nonce + client_nonce + role,
+            b"pagewarden v2 client proof" + server_nonce + client_nonce + role,
             hashlib.sha256,
         ).digest()
         self.sock.sendall(frame(AUTH, payload=ours))
@@ -205,19 +212,42 @@ def test_a_client_gets_data_zero_and_poison(served: tuple[pw.Server, bytearray])
 
 
 def _garbage(c: RawClient) -> None:
-    c.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    c.raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
 
 
 def _wrong_token(c: RawClient) -> None:
     c.token = b"not the token, but long enough"
-    with pytest.raises(PermissionError, match="authentication failed"):
-        c.handshake(send_auth_anyway=True)
+    with pytest.raises(PermissionError, match="Noise handshake"):
+        c.handshake()
 
 
-def _truncated_hello(c: RawClient) -> None:
+def _truncated_preamble(c: RawClient) -> None:
+    c.raw.sendall(wire.preamble(wire.NOISE)[:10])
+    c.raw.shutdown(socket.SHUT_WR)
+
+
+def _version_1(c: RawClient) -> None:
+    """A client of protocol 1 (plaintext HELLO) is answered in its own framing, with why."""
     hello = MAGIC + struct.pack("<HB5x", 1, BULK) + bytes(32)
-    c.sock.sendall(frame(HELLO, payload=hello)[:40])
-    c.sock.shutdown(socket.SHUT_WR)
+    c.raw.sendall(frame(HELLO, payload=hello))
+    kind, _, payload_len, _, _ = c.header()
+    assert kind == REJECT
+    assert "protocol version 1 is not supported" in c.recv_exact(payload_len).decode()
+
+
+def _plaintext_to_a_token_server(c: RawClient) -> None:
+    """Nobody on the path can talk a server down to plaintext: it refuses, saying why."""
+    with pytest.raises(PermissionError, match="speaks Noise"):
+        wire.client_channel(c.raw, None)
+
+
+def _tampered_request(c: RawClient) -> None:
+    """One bit flipped in a sealed REQUEST: the record does not open, the server closes."""
+    c.handshake()
+    assert isinstance(c.sock, wire.NoiseChannel)
+    record = bytearray(c.sock.seal(frame(REQUEST, 0, PAGE)))
+    record[10] ^= 0x04
+    c.raw.sendall(bytes(record))
 
 
 def _truncated_request(c: RawClient) -> None:
@@ -237,7 +267,10 @@ def _after_handshake(payload: bytes) -> Callable[[RawClient], None]:
 HOSTILE: dict[str, tuple[Callable[[RawClient], None], str]] = {
     "garbage": (_garbage, "protocol_errors"),
     "wrong-token": (_wrong_token, "auth_failures"),
-    "truncated-hello": (_truncated_hello, "connection_errors"),
+    "truncated-preamble": (_truncated_preamble, "connection_errors"),
+    "version-1": (_version_1, "protocol_errors"),
+    "plaintext-client": (_plaintext_to_a_token_server, "protocol_errors"),
+    "tampered-request": (_tampered_request, "records_rejected"),
     "truncated-request": (_truncated_request, "connection_errors"),
     "out-of-range": (_after_handshake(frame(REQUEST, 64 * PAGE, PAGE)), "protocol_errors"),
     "wrapping": (_after_handshake(frame(REQUEST, (1 << 64) - PAGE, 2 * PAGE)), "protocol_errors"),
@@ -263,7 +296,8 @@ def test_a_hostile_peer_is_dropped_and_counted_while_another_client_is_served(
     behave(bad)
     assert bad.closed_by_server()
     st = settle(server, lambda s: s[counter] == 1 and s["connections_active"] == 1)
-    others = {"protocol_errors", "auth_failures", "connection_errors"} - {counter}
+    others = {"protocol_errors", "auth_failures", "connection_errors", "records_rejected"}
+    others -= {counter}
     assert all(st[o] == 0 for o in others), st
     # The well-behaved client, connected all along, is still served correctly.
     check_pages(good, data, {6 * PAGE, 7 * PAGE})
@@ -300,8 +334,8 @@ def test_serve_socket_serves_a_connected_socket(served: tuple[pw.Server, bytearr
     server.serve_socket(theirs)
     theirs.close()  # the server holds its own duplicate
     c = RawClient.__new__(RawClient)
-    c.sock, c.token, c.role, c.poison = ours, TOKEN, BULK, []
-    c.sock.settimeout(SETTLE_LIMIT)
+    c.raw, c.token, c.role, c.poison = ours, TOKEN, BULK, []
+    c.raw.settimeout(SETTLE_LIMIT)
     c.handshake()
     check_pages(c, data, {6 * PAGE, 7 * PAGE})
     c.close()
@@ -439,7 +473,7 @@ def test_cli_serve_stops_cleanly_on_a_signal_and_no_other_thread_can_take_it(
     [
         ("image", ["--token-file", "{tmp}/missing"], "cannot read the token file"),
         ("image", ["--token-file", "{tmp}/short"], "at least 16"),
-        ("image", [], "--token-file is required"),
+        ("image", [], "--token-file or --tls-dir is required"),
         (None, ["--token-file", "{tmp}/token"], "does not exist"),
         ("pid", ["--map", "0:zz:4096", "--token-file", "{tmp}/token"], "HOST_ADDR 'zz'"),
         ("pid", ["--map", "0:4096", "--token-file", "{tmp}/token"], "not GUEST_ADDR:HOST_ADDR:LEN"),
