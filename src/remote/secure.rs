@@ -784,7 +784,8 @@ fn noise_handshake<S: Read + Write>(
             if initiator && e.kind() == ErrorKind::UnexpectedEof {
                 Error::Protocol(
                     "authentication failed: the page server closed the connection in the Noise \
-                     handshake (the tokens differ, or it does not know this client)"
+                     handshake: it does not know the token (the tokens differ), or the handshake \
+                     was changed on the way"
                         .into(),
                 )
             } else {
