@@ -1,6 +1,9 @@
 //! A bounded mutation fuzzer for the wire protocol (stable Rust's stand-in for `cargo fuzz`):
 //! valid frame streams, mutated, and random bytes are fed to `Header::decode`, both handshakes
-//! and the server's request loop over in-memory streams. Every run must end without a panic.
+//! and the server's request loop over in-memory streams; the channel's preamble and Noise
+//! handshake get mutated and random openings, and its records (Noise and TLS) are sealed,
+//! mutated and opened, where no byte may come out that was not sealed, in order. Every run
+//! must end without a panic.
 //! It runs for `PAGEWARDEN_FUZZ_SECS` seconds (default 2) and prints how many inputs it tried.
 
 use std::io::{Read, Write};
@@ -11,6 +14,10 @@ use super::client::RemoteSource;
 use super::protocol::{
     client_handshake, server_handshake, Geometry, Header, Kind, Role, FLAG_URGENT, HEADER_LEN,
     MAGIC, NONCE_LEN, VERSION,
+};
+use super::secure::{
+    client_channel, server_channel, RecordReader, RecordWriter, SecureReader, SecureWriter,
+    Security,
 };
 use super::server::{MemorySource, Server, ServerConfig};
 use crate::poison::PoisonSet;
@@ -238,12 +245,49 @@ fn protocol_fuzz() {
         accepted,
         vec![(2 * PAGE, PAGE), (3 * PAGE, PAGE), (9 * PAGE, PAGE)]
     );
+    let tls_dir = std::env::temp_dir().join(format!("pw-fuzz-x509-{}", std::process::id()));
+    super::tls::make_test_certificates(&tls_dir, &[], 1, true).unwrap();
+    let tls = (
+        super::tls::client_security(&tls_dir, "localhost").unwrap(),
+        super::tls::server_security(&tls_dir).unwrap(),
+    );
+    let _ = std::fs::remove_dir_all(&tls_dir);
+    let noise = Security::for_token(TOKEN);
     let budget = fuzz_seconds();
     let start = Instant::now();
-    let mut iterations = [0u64; 6];
+    let mut iterations = [0u64; 8];
     while start.elapsed() < budget {
         for _ in 0..64 {
-            match rng.below(6) {
+            match rng.below(8) {
+                6 => {
+                    let (client, server) = if rng.below(4) == 0 {
+                        (&tls.0, &tls.1)
+                    } else {
+                        (&noise, &noise)
+                    };
+                    records_case(&mut rng, client, server);
+                    iterations[6] += 1;
+                }
+                7 => {
+                    // A server's channel opening on a mutated or random preamble and Noise
+                    // message: a random message never proves the token.
+                    let mut v = Vec::from(MAGIC);
+                    v.extend_from_slice(&VERSION.to_le_bytes());
+                    v.push(1);
+                    v.extend_from_slice(&[0u8; 13]);
+                    let n = 32 + rng.below(64);
+                    v.extend_from_slice(&(n as u16).to_be_bytes());
+                    v.extend(rng.bytes(n));
+                    let input = if rng.below(4) == 0 {
+                        let n = rng.below(120);
+                        rng.bytes(n)
+                    } else {
+                        mutate(&mut rng, v)
+                    };
+                    let mut d = Duplex::new(input, 1 << 16);
+                    assert!(server_channel(&mut d, &noise).is_err());
+                    iterations[7] += 1;
+                }
                 0 => {
                     let b: [u8; HEADER_LEN] = if rng.next() & 1 == 0 {
                         rng.bytes(HEADER_LEN).try_into().unwrap_or([0; HEADER_LEN])
@@ -364,8 +408,8 @@ fn protocol_fuzz() {
     let st = server.stats();
     println!(
         "protocol fuzz: {} inputs in {:.1}s (decode {}, server handshake {}, client handshake {}, \
-         mutated requests {}, valid requests {}, destination answers {}); {} requests served, \
-         {} protocol errors",
+         mutated requests {}, valid requests {}, destination answers {}, records {}, channel \
+         openings {}); {} requests served, {} protocol errors",
         iterations.iter().sum::<u64>(),
         start.elapsed().as_secs_f64(),
         iterations[0],
@@ -374,10 +418,70 @@ fn protocol_fuzz() {
         iterations[3],
         iterations[4],
         iterations[5],
+        iterations[6],
+        iterations[7],
         st.requests,
         st.protocol_errors,
     );
     assert!(iterations.iter().all(|&n| n > 0) || budget < Duration::from_millis(100));
+}
+
+/// Both ends of a fresh channel over a socket pair: (client's halves, server's halves).
+fn channel_pair(
+    client: &Security,
+    server: &Security,
+) -> ((RecordReader, RecordWriter), (RecordReader, RecordWriter)) {
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let server = server.clone();
+    let t = std::thread::spawn(move || server_channel(&mut b, &server).unwrap());
+    let c = client_channel(&mut a, client).unwrap();
+    (c, t.join().unwrap())
+}
+
+/// Seals random plaintext in random-sized writes, mutates the records (or not), and opens them
+/// in random-sized reads: what comes out is always a prefix of what went in, and all of it when
+/// nothing was changed.
+fn records_case(rng: &mut Rng, client: &Security, server: &Security) {
+    let ((_, writer), (reader, _)) = channel_pair(client, server);
+    let n = rng.below(3 * 65536);
+    let plain = rng.bytes(n);
+    let mut w = SecureWriter {
+        inner: Vec::new(),
+        writer,
+    };
+    let mut at = 0;
+    while at < plain.len() {
+        let k = (1 + rng.below(70_000)).min(plain.len() - at);
+        w.write_all(&plain[at..at + k]).unwrap();
+        at += k;
+    }
+    let sealed = w.inner;
+    let changed = rng.below(4) != 0;
+    let input = if changed {
+        mutate(rng, sealed.clone())
+    } else {
+        sealed.clone()
+    };
+    let mut r = SecureReader {
+        inner: std::io::Cursor::new(input.clone()),
+        reader,
+    };
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 80_000];
+    loop {
+        let want = 1 + rng.below(buf.len() - 1);
+        match r.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+        }
+    }
+    assert!(
+        plain.starts_with(&got),
+        "bytes came out of the records that were not sealed into them"
+    );
+    if input == sealed {
+        assert_eq!(got.len(), plain.len(), "an unchanged stream must open whole");
+    }
 }
 
 /// Parses a server's reply stream: every frame a server may send in replies, each starting
