@@ -38,17 +38,27 @@ def write_token(path: Path) -> bytes:
 class ServerProcess:
     """``pagewarden serve IMAGE`` on 127.0.0.1 (any free port) in a child process, optionally
     pinned to one CPU. ``address`` is "host:port"; ``stop()`` sends SIGTERM and returns the
-    server's summary line. A context manager."""
+    server's summary line. A context manager.
+
+    The stream is protected with the token (Noise), or with mutual TLS when ``tls_dir`` is
+    given, or not at all when ``token_file`` is None (``--insecure-no-token``, loopback)."""
 
     def __init__(
         self,
         image: Path,
-        token_file: Path,
+        token_file: Path | None,
         poison_file: Path | None = None,
         cpu: int | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
         args = [sys.executable, "-c", _PINNED_MAIN, str(-1 if cpu is None else cpu), "serve"]
-        args += [str(image), "--listen", "127.0.0.1:0", "--token-file", str(token_file)]
+        args += [str(image), "--listen", "127.0.0.1:0"]
+        if tls_dir is not None:
+            args += ["--tls-dir", str(tls_dir)]
+        elif token_file is not None:
+            args += ["--token-file", str(token_file)]
+        else:
+            args += ["--insecure-no-token"]
         if poison_file is not None:
             args += ["--poison", str(poison_file)]
         self.process = subprocess.Popen(

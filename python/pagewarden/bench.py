@@ -1079,7 +1079,20 @@ def run_bulk(config: Config, binary: Path, report: Report) -> None:
 # ---------------------------------------------------------------------------------------------
 # Remote post-copy: a page server in another process, over loopback TCP
 
-REMOTE_LATENCY_NAMES = ("idle", "under push, urgent channel", "under push, no urgent channel")
+REMOTE_LATENCY_NAMES = (
+    "idle",
+    "under push, urgent channel",
+    "under push, no urgent channel",
+    "under push, plaintext",
+    "under push, TLS",
+)
+# How each remote contender's stream is protected: RemoteSource keyword arguments by name, the
+# token (Noise, the default) unless named otherwise.
+REMOTE_PROTECTIONS = ("noise", "plaintext", "TLS")
+
+
+def _protection_of(name: str) -> str:
+    return "plaintext" if "plaintext" in name else "TLS" if "TLS" in name else "noise"
 
 
 def remote_placement() -> tuple[int | None, int]:
@@ -1107,10 +1120,13 @@ def remote_image(path: Path, size: int, zero_half: bool, seed: int = 11) -> None
             f.write(block[: (min(start + 256, pages) - start) * PAGE_4K])
 
 
-def remote_push_mib_s(address: str, token: bytes, size: int) -> tuple[float, dict[str, Any]]:
-    """A Handler with a RemoteSource and prefetch bringing a whole ``size``-byte guest in, no
-    faults: MiB/s from start() to wait() returning, and the source's counters."""
-    with pw.RemoteSource(address, token) as source:
+def remote_push_mib_s(
+    address: str, connect: dict[str, Any], size: int
+) -> tuple[float, dict[str, Any]]:
+    """A Handler with a RemoteSource (``connect``: its keyword arguments) and prefetch bringing
+    a whole ``size``-byte guest in, no faults: MiB/s from start() to wait() returning, and the
+    source's counters."""
+    with pw.RemoteSource(address, **connect) as source:
         elapsed = timed_prefetch(pw.GuestMemory.anonymous(size), source, 300)
         stats = dict(source.stats())
     return size / elapsed / MIB, stats
@@ -1128,7 +1144,7 @@ class TouchSample:
 
 def remote_touch_run(
     address: str,
-    token: bytes,
+    connect: dict[str, Any],
     size: int,
     touches: int,
     push: bool,
@@ -1154,7 +1170,7 @@ def remote_touch_run(
         previous = k + 1
     if previous < pages:
         rest.append((previous * PAGE_4K, (pages - previous) * PAGE_4K))
-    with pw.RemoteSource(address, token, urgent_channel=urgent_channel) as source:
+    with pw.RemoteSource(address, urgent_channel=urgent_channel, **connect) as source:
         memory = pw.GuestMemory.anonymous(size)
         handler = pw.Handler(memory, source, prefetch=push, prefetch_order=rest if push else None)
         try:
@@ -1208,7 +1224,13 @@ def run_remote(config: Config, report: Report) -> None:
     within each repetition; figures are medians over the repetitions."""
     size = config.remote_bytes
     server_cpu, dest_cpu = remote_placement()
-    throughput: dict[str, list[float]] = {"raw TCP": [], "push random": [], "push half-zero": []}
+    throughput: dict[str, list[float]] = {
+        "raw TCP": [],
+        "push random": [],
+        "push half-zero": [],
+        "push random, plaintext": [],
+        "push random, TLS": [],
+    }
     received: dict[str, int] = {}
     samples: dict[str, list[TouchSample]] = {name: [] for name in REMOTE_LATENCY_NAMES}
     with tempfile.TemporaryDirectory(prefix="pagewarden-bench-remote-") as tmp:
@@ -1216,19 +1238,30 @@ def run_remote(config: Config, report: Report) -> None:
 
         work = Path(tmp)
         token = write_token(work / "token")
+        pw.make_test_certificates(work / "x509", days=1)
+        connect: dict[str, dict[str, Any]] = {
+            "noise": {"token": token},
+            "plaintext": {"insecure_no_token": True},
+            "TLS": {"tls_dir": work / "x509"},
+        }
         _log(f"remote: writing two {size >> 20} MiB images")
         remote_image(work / "random.img", size, zero_half=False)
         remote_image(work / "half-zero.img", size, zero_half=True)
         with (
             ServerProcess(work / "random.img", work / "token", cpu=server_cpu) as random_server,
             ServerProcess(work / "half-zero.img", work / "token", cpu=server_cpu) as half_server,
+            ServerProcess(work / "random.img", None, cpu=server_cpu) as plain_server,
+            ServerProcess(
+                work / "random.img", None, cpu=server_cpu, tls_dir=work / "x509"
+            ) as tls_server,
             pinned(dest_cpu),
         ):
+            servers = {"noise": random_server, "plaintext": plain_server, "TLS": tls_server}
             # One untimed push from each server first: the servers' first reads of their images
             # and the first connections are not what is measured.
             _log("remote post-copy: warm-up")
-            for server in (random_server, half_server):
-                remote_push_mib_s(server.address, token, size)
+            for protection, server in (*servers.items(), ("noise", half_server)):
+                remote_push_mib_s(server.address, connect[protection], size)
             for rep in range(config.repetitions):
                 _log(f"remote post-copy: repetition {rep + 1}/{config.repetitions}")
                 throughput["raw TCP"].append(
@@ -1237,8 +1270,11 @@ def run_remote(config: Config, report: Report) -> None:
                 for name, server in (
                     ("push random", random_server),
                     ("push half-zero", half_server),
+                    ("push random, plaintext", plain_server),
+                    ("push random, TLS", tls_server),
                 ):
-                    rate, stats = remote_push_mib_s(server.address, token, size)
+                    protection = _protection_of(name)
+                    rate, stats = remote_push_mib_s(server.address, connect[protection], size)
                     throughput[name].append(rate)
                     received[name] = int(stats["bytes_received"])
                 names = list(REMOTE_LATENCY_NAMES)
@@ -1246,8 +1282,8 @@ def run_remote(config: Config, report: Report) -> None:
                 for name in names[k:] + names[:k]:
                     samples[name].append(
                         remote_touch_run(
-                            random_server.address,
-                            token,
+                            servers[_protection_of(name)].address,
+                            connect[_protection_of(name)],
                             size,
                             config.remote_touches,
                             push=name != "idle",
@@ -1366,9 +1402,30 @@ def evaluate_targets(report: Report) -> None:
                 r >= 0.7,
                 f"{tp[name]:.0f} / {tp['raw TCP']:.0f} MiB/s",
             )
+        for name in ("push random", "push random, TLS"):
+            r = tp[name] / tp["raw TCP"]
+            _target(
+                report,
+                f"remote {name} (encrypted) / raw plaintext TCP",
+                r,
+                ">= 0.6",
+                r >= 0.6,
+                f"{tp[name]:.0f} / {tp['raw TCP']:.0f} MiB/s",
+            )
         lat = remote["latency"]
         idle = lat["idle"]["p99_us"]
-        urgent, queued = (lat[n]["p99_us"] for n in REMOTE_LATENCY_NAMES[1:])
+        urgent, queued = (lat[n]["p99_us"] for n in REMOTE_LATENCY_NAMES[1:3])
+        plain = lat["under push, plaintext"]["p99_us"]
+        for name in ("under push, urgent channel", "under push, TLS"):
+            r = lat[name]["p99_us"] / plain if plain else 0.0
+            _target(
+                report,
+                f"remote fault p99 {name} (encrypted) / plaintext",
+                r,
+                "<= 1.2",
+                r <= 1.2,
+                f"{lat[name]['p99_us']:.0f} / {plain:.0f} µs",
+            )
         r = urgent / idle if idle else 0.0
         _target(
             report,
@@ -1661,7 +1718,9 @@ def render(report: Report) -> str:
             f"server (`pagewarden serve`) in its own process on CPU {remote['server_cpu']}, "
             f"the destination (handler loop, receivers, faulting thread) on CPU "
             f"{remote['destination_cpu']}. Push: Handler(RemoteSource, prefetch=True) from "
-            "start() to wait(); raw TCP: one native thread streaming 1 MiB writes to another."
+            "start() to wait(); raw TCP: one native thread streaming 1 MiB writes to another, "
+            "in the clear. The stream is encrypted with the token (Noise) unless named "
+            "otherwise."
         )
         out.append("")
         rows = [
@@ -1676,6 +1735,16 @@ def render(report: Report) -> str:
                 f"{tp['push half-zero']:.0f}",
                 _ratio(tp["push half-zero"], tp["raw TCP"]),
             ],
+            [
+                "push, random image, plaintext (--insecure-no-token)",
+                f"{tp['push random, plaintext']:.0f}",
+                _ratio(tp["push random, plaintext"], tp["raw TCP"]),
+            ],
+            [
+                "push, random image, mutual TLS 1.3 (--tls-dir)",
+                f"{tp['push random, TLS']:.0f}",
+                _ratio(tp["push random, TLS"], tp["raw TCP"]),
+            ],
         ]
         out.append(format_table(rows, ["what", "MiB/s", "vs raw TCP"]))
         out.append("")
@@ -1684,7 +1753,9 @@ def render(report: Report) -> str:
             "timed natively, one at a time; percentiles pooled over the repetitions). Idle: "
             "prefetch off. Under push: prefetch bringing the rest of the guest in meanwhile (the "
             "touched pages last), every touch a fault. No urgent channel: "
-            "RemoteSource(urgent_channel=False), fault requests queued behind the bulk stream:"
+            "RemoteSource(urgent_channel=False), fault requests queued behind the bulk stream. "
+            "Plaintext and TLS: the urgent channel, under push, with that protection instead "
+            "of the token's:"
         )
         out.append("")
         lat = remote["latency"]

@@ -172,20 +172,31 @@ impl Cipher {
 pub struct RecordReader {
     cipher: Cipher,
     seq: u64,
-    /// The record being read: ciphertext, then (TLS) plaintext in place.
-    record: Vec<u8>,
-    /// Plaintext not yet handed out: `record[pos..end]` (TLS) or `plain[pos..end]` (Noise).
-    plain: Vec<u8>,
-    pos: usize,
+    /// Ciphertext read ahead from the stream: `input[start..end]` is not yet opened. One read
+    /// takes as much as the socket holds, so a record costs no system call of its own.
+    input: Vec<u8>,
+    start: usize,
     end: usize,
+    /// Plaintext not yet handed out: `input[pos..stop]` (TLS, opened in place) or
+    /// `plain[pos..stop]` (Noise, when the caller's buffer was too small for the record).
+    plain: Vec<u8>,
+    in_input: bool,
+    pos: usize,
+    stop: usize,
 }
+
+/// Bytes of ciphertext read ahead at most.
+const READ_AHEAD: usize = 512 << 10;
 
 /// The sending half of a channel: seals what is written into records.
 pub struct RecordWriter {
     cipher: Cipher,
     seq: u64,
     scratch: Vec<u8>,
+    /// Sealed records waiting to be written: `out[..used]` (the buffer only grows, so sealing
+    /// never clears memory it is about to overwrite).
     out: Vec<u8>,
+    used: usize,
 }
 
 impl std::fmt::Debug for RecordReader {
@@ -200,28 +211,18 @@ impl std::fmt::Debug for RecordWriter {
     }
 }
 
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
 impl RecordReader {
     fn new(cipher: Cipher) -> Self {
         Self {
             cipher,
             seq: 0,
-            record: Vec::new(),
-            plain: Vec::new(),
-            pos: 0,
+            input: Vec::new(),
+            start: 0,
             end: 0,
+            plain: Vec::new(),
+            in_input: false,
+            pos: 0,
+            stop: 0,
         }
     }
 
@@ -230,9 +231,9 @@ impl RecordReader {
         !matches!(self.cipher, Cipher::Plain)
     }
 
-    /// Plaintext already opened and not yet read.
+    /// Plaintext already opened and not yet read, plus ciphertext read ahead.
     pub fn buffered(&self) -> usize {
-        self.end - self.pos
+        (self.stop - self.pos) + (self.end - self.start)
     }
 
     /// Reads plaintext from `r` into `buf`, as `Read::read` does. `Ok(0)`: the stream ended
@@ -242,10 +243,11 @@ impl RecordReader {
             return Ok(0);
         }
         loop {
-            if self.pos < self.end {
-                let src = match self.cipher {
-                    Cipher::Noise(_) => &self.plain[self.pos..self.end],
-                    _ => &self.record[self.pos..self.end],
+            if self.pos < self.stop {
+                let src = if self.in_input {
+                    &self.input[self.pos..self.stop]
+                } else {
+                    &self.plain[self.pos..self.stop]
                 };
                 let n = src.len().min(buf.len());
                 buf[..n].copy_from_slice(&src[..n]);
@@ -268,6 +270,35 @@ impl RecordReader {
         }
     }
 
+    /// Makes `need` bytes of ciphertext available at `input[start..]`, reading as much as the
+    /// stream has. False on a clean end of the stream before any of them.
+    fn fill(&mut self, r: &mut impl Read, need: usize) -> std::io::Result<bool> {
+        if self.end - self.start >= need {
+            return Ok(true);
+        }
+        let capacity = READ_AHEAD.max(need);
+        if self.input.len() < capacity {
+            self.input.resize(capacity, 0);
+        }
+        if self.start + need > self.input.len() {
+            // Nothing before `start` is still handed out: read_from only fills when the
+            // plaintext is exhausted.
+            self.input.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        while self.end - self.start < need {
+            match r.read(&mut self.input[self.end..]) {
+                Ok(0) if self.end == self.start => return Ok(false),
+                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     fn count(&mut self) -> std::io::Result<u64> {
         let seq = self.seq;
         if seq >= MAX_RECORDS {
@@ -286,34 +317,38 @@ impl RecordReader {
             return Ok(Some(0));
         };
         let state = state.clone();
-        let mut len = [0u8; 2];
-        match read_full(r, &mut len)? {
-            0 => return Ok(Some(0)),
-            2 => {}
-            _ => return Err(ErrorKind::UnexpectedEof.into()),
+        if !self.fill(r, 2)? {
+            return Ok(Some(0));
         }
-        let n = u16::from_be_bytes(len) as usize;
+        let n = u16::from_be_bytes([self.input[self.start], self.input[self.start + 1]]) as usize;
         if n < TAG_LEN {
             return Err(integrity(format!(
                 "a record of {n} bytes, shorter than its authentication tag"
             )));
         }
-        self.record.resize(n, 0);
-        r.read_exact(&mut self.record)?;
+        if !self.fill(r, 2 + n)? {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
         let seq = self.count()?;
+        let record = self.start + 2..self.start + 2 + n;
+        self.start = record.end;
         let plain_len = n - TAG_LEN;
-        let opened = if buf.len() >= plain_len {
+        // (The cipher opens in place in the output, so the output must hold the tag too.)
+        let opened = if buf.len() >= n {
             // The whole record fits: open it straight into the caller's buffer.
             state
-                .read_message(seq, &self.record, buf)
+                .read_message(seq, &self.input[record], buf)
                 .map(|m| Some(m.min(plain_len)))
         } else {
-            self.plain.resize(plain_len, 0);
+            if self.plain.len() < n {
+                self.plain.resize(n, 0);
+            }
             state
-                .read_message(seq, &self.record, &mut self.plain)
+                .read_message(seq, &self.input[record], &mut self.plain)
                 .map(|m| {
+                    self.in_input = false;
                     self.pos = 0;
-                    self.end = m;
+                    self.stop = m;
                     None
                 })
         };
@@ -328,14 +363,13 @@ impl RecordReader {
         }
     }
 
-    /// Reads and opens one TLS 1.3 record into `record`. False at a clean end.
+    /// Reads and opens one TLS 1.3 record in place. False at a clean end.
     fn next_tls(&mut self, r: &mut impl Read) -> std::io::Result<bool> {
-        let mut header = [0u8; TLS_HEADER_LEN];
-        match read_full(r, &mut header)? {
-            0 => return Ok(false),
-            TLS_HEADER_LEN => {}
-            _ => return Err(ErrorKind::UnexpectedEof.into()),
+        if !self.fill(r, TLS_HEADER_LEN)? {
+            return Ok(false);
         }
+        let mut header = [0u8; TLS_HEADER_LEN];
+        header.copy_from_slice(&self.input[self.start..self.start + TLS_HEADER_LEN]);
         let n = u16::from_be_bytes([header[3], header[4]]) as usize;
         if header[0] != TLS_APPLICATION_DATA
             || header[1..3] != [3, 3]
@@ -346,9 +380,12 @@ impl RecordReader {
                 header[0], header[1], header[2]
             )));
         }
-        self.record.resize(n, 0);
-        r.read_exact(&mut self.record)?;
+        if !self.fill(r, TLS_HEADER_LEN + n)? {
+            return Err(ErrorKind::UnexpectedEof.into());
+        }
         let seq = self.count()?;
+        let body = self.start + TLS_HEADER_LEN;
+        self.start = body + n;
         let Cipher::Tls { key, iv } = &self.cipher else {
             return Ok(false);
         };
@@ -356,7 +393,7 @@ impl RecordReader {
             .open_in_place(
                 Cipher::tls_nonce(iv, seq),
                 aead::Aad::from(header),
-                &mut self.record,
+                &mut self.input[body..body + n],
             )
             .map_err(|_| {
                 integrity(format!(
@@ -370,8 +407,9 @@ impl RecordReader {
         };
         match plain[last] {
             TLS_APPLICATION_DATA => {
-                self.pos = 0;
-                self.end = last;
+                self.in_input = true;
+                self.pos = body;
+                self.stop = body + last;
                 Ok(true)
             }
             TLS_ALERT if last == 2 && plain[1] == 0 => Ok(false), // close_notify
@@ -394,6 +432,7 @@ impl RecordWriter {
             seq: 0,
             scratch: Vec::new(),
             out: Vec::new(),
+            used: 0,
         }
     }
 
@@ -409,16 +448,33 @@ impl RecordWriter {
         Ok(seq)
     }
 
-    /// Seals `plain` (at most one record's worth) onto `out`.
+    /// Room for `n` more bytes at `out[used..]`, growing the buffer (once) when it is short.
+    fn room(&mut self, n: usize) -> std::ops::Range<usize> {
+        let at = self.used;
+        if self.out.len() < at + n {
+            self.out.resize(at + n, 0);
+        }
+        self.used += n;
+        at..at + n
+    }
+
+    /// Seals `plain_parts` (at most one record's worth, in order) onto `out[used..]`.
     fn seal(&mut self, plain_parts: &[&[u8]]) -> std::io::Result<()> {
         let seq = self.count()?;
+        let len: usize = plain_parts.iter().map(|p| p.len()).sum();
         match &self.cipher {
             Cipher::Plain => {
+                let at = self.room(len).start;
+                let mut k = at;
                 for p in plain_parts {
-                    self.out.extend_from_slice(p);
+                    self.out[k..k + p.len()].copy_from_slice(p);
+                    k += p.len();
                 }
             }
             Cipher::Noise(state) => {
+                let state = state.clone();
+                let n = len + TAG_LEN;
+                let at = self.room(2 + n).start;
                 let plain: &[u8] = if plain_parts.len() == 1 {
                     plain_parts[0]
                 } else {
@@ -428,33 +484,34 @@ impl RecordWriter {
                     }
                     &self.scratch
                 };
-                let at = self.out.len();
-                let n = plain.len() + TAG_LEN;
-                self.out.resize(at + 2 + n, 0);
                 self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
                 state
-                    .write_message(seq, plain, &mut self.out[at + 2..])
+                    .write_message(seq, plain, &mut self.out[at + 2..at + 2 + n])
                     .map_err(|e| std::io::Error::other(format!("sealing a record: {e}")))?;
             }
-            Cipher::Tls { key, iv } => {
-                let len: usize = plain_parts.iter().map(|p| p.len()).sum();
+            Cipher::Tls { .. } => {
                 let n = len + 1 + TAG_LEN;
                 let header = [TLS_APPLICATION_DATA, 3, 3, (n >> 8) as u8, n as u8];
-                let at = self.out.len();
-                self.out.extend_from_slice(&header);
-                for p in plain_parts {
-                    self.out.extend_from_slice(p);
-                }
-                self.out.push(TLS_APPLICATION_DATA);
+                let at = self.room(TLS_HEADER_LEN + n).start;
+                self.out[at..at + TLS_HEADER_LEN].copy_from_slice(&header);
                 let body = at + TLS_HEADER_LEN;
+                let mut k = body;
+                for p in plain_parts {
+                    self.out[k..k + p.len()].copy_from_slice(p);
+                    k += p.len();
+                }
+                self.out[k] = TLS_APPLICATION_DATA;
+                let Cipher::Tls { key, iv } = &self.cipher else {
+                    return Ok(());
+                };
                 let tag = key
                     .seal_in_place_separate_tag(
                         Cipher::tls_nonce(iv, seq),
                         aead::Aad::from(header),
-                        &mut self.out[body..],
+                        &mut self.out[body..=k],
                     )
                     .map_err(|_| std::io::Error::other("sealing a TLS record failed"))?;
-                self.out.extend_from_slice(tag.as_ref());
+                self.out[k + 1..k + 1 + TAG_LEN].copy_from_slice(tag.as_ref());
             }
         }
         Ok(())
@@ -468,23 +525,26 @@ impl RecordWriter {
     }
 
     /// Writes `bufs` to `w` as `Write::write_vectored` does: with a cipher, sealed into as many
-    /// records as it takes and written at once (up to a batch; the count says how much).
+    /// records as it takes and written at once (up to a batch; the count says how much). No
+    /// allocation once the buffers have grown: a fault's request costs none.
     pub fn write_to(&mut self, w: &mut impl Write, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
         if matches!(self.cipher, Cipher::Plain) {
             return w.write_vectored(bufs);
         }
+        const MAX_PARTS: usize = 8;
         let max = self.max_plain();
         let mut taken = 0;
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(4);
         let mut slices = bufs.iter().map(|b| &b[..]).filter(|b| !b.is_empty());
         let mut current: &[u8] = slices.next().unwrap_or(&[]);
-        self.out.clear();
-        while !current.is_empty() && self.out.len() < WRITE_BATCH {
-            parts.clear();
+        self.used = 0;
+        while !current.is_empty() && self.used < WRITE_BATCH {
+            let mut parts: [&[u8]; MAX_PARTS] = [&[]; MAX_PARTS];
+            let mut count = 0;
             let mut room = max;
-            while room > 0 && !current.is_empty() {
+            while room > 0 && !current.is_empty() && count < MAX_PARTS {
                 let n = current.len().min(room);
-                parts.push(&current[..n]);
+                parts[count] = &current[..n];
+                count += 1;
                 current = &current[n..];
                 room -= n;
                 if current.is_empty() {
@@ -492,12 +552,11 @@ impl RecordWriter {
                 }
             }
             taken += max - room;
-            self.seal(&parts)?;
+            self.seal(&parts[..count])?;
         }
-        let out = std::mem::take(&mut self.out);
-        let r = w.write_all(&out);
-        self.out = out;
-        r.map(|_| taken)
+        let used = self.used;
+        self.used = 0;
+        w.write_all(&self.out[..used]).map(|_| taken)
     }
 }
 
