@@ -253,7 +253,7 @@ def _tampered_request(c: RawClient) -> None:
 def _truncated_request(c: RawClient) -> None:
     c.handshake()
     c.sock.sendall(frame(REQUEST, 0, PAGE)[:13])
-    c.sock.shutdown(socket.SHUT_WR)
+    c.raw.shutdown(socket.SHUT_WR)
 
 
 def _after_handshake(payload: bytes) -> Callable[[RawClient], None]:
@@ -309,7 +309,7 @@ def test_a_client_that_stops_reading_stalls_nobody_and_is_dropped() -> None:
     data = image(2048)  # 8 MiB
     with pw.serve(data, token=TOKEN, write_timeout=1.0) as server:
         stalled = RawClient(server.address)  # type: ignore[arg-type]
-        stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.handshake()
         # 256 MiB of replies asked for and never read: the server's writes to it block.
         stalled.sock.sendall(b"".join(frame(REQUEST, 0, MAX_DATA) for _ in range(64)))

@@ -100,10 +100,8 @@ class Attacker:
         except OSError:
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _record(self, src: socket.socket) -> bytes:
         if self.tls:
@@ -161,10 +159,8 @@ class Attacker:
         except (OSError, ConnectionError):
             pass
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def _turn_for(self, conn: int, index: int, mine: list[bytes]) -> bool:
         if self.attack == "replay" and len(mine) < 2:
@@ -186,10 +182,8 @@ class Attacker:
         self.stop.set()
         self.listener.close()
         for s in self.socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
         for t in self.threads:
             t.join(timeout=5)
 
@@ -227,27 +221,29 @@ def test_tampering_on_the_path_never_reaches_guest_memory(
     size = 16 * MiB
     image = make_image(size, 77)
     budget = 3
-    with _serve(image, security) as server:
-        with _attacker(server, security, attack, budget=budget, every=5) as mitm:
-            mem = pw.GuestMemory.anonymous(size)
-            with (
-                pw.RemoteSource(mitm.address, give_up_after=30, **security) as source,  # type: ignore[arg-type]
-                pw.Handler(mem, source, prefetch=True) as h,
-            ):
-                h.start()
-                result = mem.touch(threads=2, order="random", seed=11)
-                assert h.wait(timeout=60)
-                h.check()
-                # Every page holds the server's bytes: nothing the attacker made reached it.
-                verify(mem, result, image, [])
-                st = source.stats()
-                assert mitm.done == budget, "the attacker did not get its turns"
-                assert st["reconnects"] >= 1, st
-                if attack != "truncate":
-                    # Each attack was caught by a record failing to open (not by luck in the
-                    # frame checks above it).
-                    assert st["records_rejected"] >= 1, st
-                assert len(h.poison_set()) == 0
+    with (
+        _serve(image, security) as server,
+        _attacker(server, security, attack, budget=budget, every=5) as mitm,
+    ):
+        mem = pw.GuestMemory.anonymous(size)
+        with (
+            pw.RemoteSource(mitm.address, give_up_after=30, **security) as source,  # type: ignore[arg-type]
+            pw.Handler(mem, source, prefetch=True) as h,
+        ):
+            h.start()
+            result = mem.touch(threads=2, order="random", seed=11)
+            assert h.wait(timeout=60)
+            h.check()
+            # Every page holds the server's bytes: nothing the attacker made reached it.
+            verify(mem, result, image, [])
+            st = source.stats()
+            assert mitm.done == budget, "the attacker did not get its turns"
+            assert st["reconnects"] >= 1, st
+            if attack != "truncate":
+                # Each attack was caught by a record failing to open (not by luck in the
+                # frame checks above it).
+                assert st["records_rejected"] >= 1, st
+            assert len(h.poison_set()) == 0
 
 
 def test_an_attacker_who_never_stops_gets_a_fail_stop_not_wrong_bytes(
@@ -255,19 +251,21 @@ def test_an_attacker_who_never_stops_gets_a_fail_stop_not_wrong_bytes(
 ) -> None:
     size = 4 * MiB
     image = make_image(size, 78)
-    with _serve(image, security) as server:
-        with _attacker(server, security, "flip", budget=None, every=1) as mitm:
-            mem = pw.GuestMemory.anonymous(size)
-            with (
-                pw.RemoteSource(mitm.address, give_up_after=1.0, **security) as source,  # type: ignore[arg-type]
-                pw.Handler(mem, source, prefetch=False) as h,
-            ):
-                h.start()
-                touched = pages_of(mem)[:64:4]
-                result = mem.touch(touched)
-                # The whole run of 16 pages an urgent request asks for comes in one data
-                # record: every touched page is fenced, none holds the attacker's bytes.
-                assert sorted(result.poisoned) == touched
-                assert source.stats()["records_rejected"] >= 1
-                with pytest.raises(pw.SourceError, match="give_up_after"):
-                    h.check()
+    with (
+        _serve(image, security) as server,
+        _attacker(server, security, "flip", budget=None, every=1) as mitm,
+    ):
+        mem = pw.GuestMemory.anonymous(size)
+        with (
+            pw.RemoteSource(mitm.address, give_up_after=1.0, **security) as source,  # type: ignore[arg-type]
+            pw.Handler(mem, source, prefetch=False) as h,
+        ):
+            h.start()
+            touched = pages_of(mem)[:64:4]
+            result = mem.touch(touched)
+            # The whole run of 16 pages an urgent request asks for comes in one data
+            # record: every touched page is fenced, none holds the attacker's bytes.
+            assert sorted(result.poisoned) == touched
+            assert source.stats()["records_rejected"] >= 1
+            with pytest.raises(pw.SourceError, match="give_up_after"):
+                h.check()

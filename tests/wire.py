@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from noise.connection import NoiseConnection
+from noise.connection import NoiseConnection  # type: ignore[import-untyped]
 
 MAGIC = b"PGWARDEN"
 VERSION = 2
@@ -76,7 +76,7 @@ class NoiseChannel:
 
     def seal(self, data: bytes) -> bytes:
         """One record (length and ciphertext), sealed but not sent."""
-        record = self.noise.encrypt(data)
+        record: bytes = self.noise.encrypt(data)
         return struct.pack(">H", len(record)) + record
 
     def recv(self, n: int) -> bytes:

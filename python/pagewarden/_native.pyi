@@ -45,6 +45,7 @@ __all__ = [
     "_take_uffd",
     "capabilities",
     "kvm_check",
+    "make_test_certificates",
     "page_checksum",
     "serve",
 ]
@@ -463,7 +464,7 @@ def serve(
 
 def make_test_certificates(
     directory: str | PathLike[str],
-    hostnames: Sequence[str] = (),
+    hostnames: Sequence[str] = ...,
     days: int = 365,
     force: bool = False,
 ) -> list[Path]:

@@ -311,10 +311,8 @@ pub fn make_test_certificates(
     days: u32,
     force: bool,
 ) -> PyResult<Vec<std::path::PathBuf>> {
-    py.detach(|| {
-        crate::remote::tls::make_test_certificates(&directory, &hostnames, days, force)
-    })
-    .py_err()
+    py.detach(|| crate::remote::tls::make_test_certificates(&directory, &hostnames, days, force))
+        .py_err()
 }
 
 /// Registers the page server's classes and `serve` on the module.

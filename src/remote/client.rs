@@ -23,7 +23,7 @@ use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::protocol::{
-    tls_or_token, client_handshake, expect_header, read_payload, read_text, write_frame, Geometry,
+    client_handshake, expect_header, read_payload, read_text, tls_or_token, write_frame, Geometry,
     Header, Kind, Role, FLAG_URGENT, MAX_DATA,
 };
 use super::secure::{client_channel, SecureReader, SecureStream, SecureWriter, Security};
@@ -1062,7 +1062,7 @@ impl RemoteSource {
             Security::Plain,
             geometry,
         )
-            .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"));
         {
             let mut channels = lock(&inner.channels);
             for &(guest_address, len) in requests {
@@ -1104,7 +1104,7 @@ mod tests {
             Security::Plain,
             geometry,
         )
-            .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"));
         RemoteSource {
             inner: Arc::new(inner),
             poison: Vec::new(),

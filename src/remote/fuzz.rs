@@ -480,7 +480,11 @@ fn records_case(rng: &mut Rng, client: &Security, server: &Security) {
         "bytes came out of the records that were not sealed into them"
     );
     if input == sealed {
-        assert_eq!(got.len(), plain.len(), "an unchanged stream must open whole");
+        assert_eq!(
+            got.len(),
+            plain.len(),
+            "an unchanged stream must open whole"
+        );
     }
 }
 

@@ -6,7 +6,7 @@ pub mod client;
 mod fuzz;
 pub mod protocol;
 pub mod secure;
-pub mod tls;
 pub mod server;
 #[cfg(test)]
 mod tests;
+pub mod tls;

@@ -152,6 +152,7 @@ fn integrity(message: impl Into<String>) -> std::io::Error {
 }
 
 /// The AEAD of one direction.
+#[allow(clippy::large_enum_variant)] // one per connection direction, never moved on the fault path
 enum Cipher {
     Plain,
     Noise(Arc<StatelessTransportState>),
@@ -927,7 +928,8 @@ fn tls_handshake<S: Read + Write>(
             )));
         }
     }
-    s.flush().map_err(|e| io_error("sending a TLS handshake record", e))?;
+    s.flush()
+        .map_err(|e| io_error("sending a TLS handshake record", e))?;
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(|e| Error::Protocol(format!("TLS: taking the traffic keys failed: {e}")))?;
@@ -938,8 +940,12 @@ fn tls_handshake<S: Read + Write>(
             )));
         }
         let (alg, key, iv) = match &secrets {
-            rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
-            rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+                (&aead::AES_128_GCM, key, iv)
+            }
+            rustls::ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+                (&aead::AES_256_GCM, key, iv)
+            }
             rustls::ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
                 (&aead::CHACHA20_POLY1305, key, iv)
             }

@@ -23,7 +23,7 @@ use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 
 use super::protocol::{
-    io_error, tls_or_token, read_header, server_handshake, write_all_vectored, Geometry, Header,
+    io_error, read_header, server_handshake, tls_or_token, write_all_vectored, Geometry, Header,
     Kind, Role, FLAG_URGENT, HEADER_LEN, MAX_DATA, MAX_POISON_RANGES, MAX_TEXT,
 };
 use super::secure::{server_channel, SecureStream, Security};

@@ -36,7 +36,8 @@ fn mini_server(image: Arc<Vec<u8>>, known: Vec<u64>, hidden: Vec<u64>, how: Beha
             let (image, known, hidden) = (image.clone(), known.clone(), hidden.clone());
             std::thread::spawn(move || {
                 let poison: Vec<(u64, u64)> = known.iter().map(|&a| (a, 4096)).collect();
-                let Ok((mut s, _)) = server_accept(s, &Security::for_token(TOKEN), TOKEN, g, &poison)
+                let Ok((mut s, _)) =
+                    server_accept(s, &Security::for_token(TOKEN), TOKEN, g, &poison)
                 else {
                     return;
                 };

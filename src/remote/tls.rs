@@ -62,9 +62,7 @@ fn private_key(dir: &Path, file: &str) -> Result<PrivateKeyDer<'static>> {
 fn roots(dir: &Path) -> Result<Arc<rustls::RootCertStore>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in certificates(dir, CA_CERT)? {
-        roots
-            .add(cert)
-            .map_err(|e| dir_error(dir, CA_CERT, e))?;
+        roots.add(cert).map_err(|e| dir_error(dir, CA_CERT, e))?;
     }
     Ok(Arc::new(roots))
 }
@@ -81,7 +79,10 @@ pub fn server_security(dir: &Path) -> Result<Security> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(certificates(dir, SERVER_CERT)?, private_key(dir, SERVER_KEY)?)
+        .with_single_cert(
+            certificates(dir, SERVER_CERT)?,
+            private_key(dir, SERVER_KEY)?,
+        )
         .map_err(|e| dir_error(dir, SERVER_KEY, e))?;
     config.enable_secret_extraction = true;
     config.send_tls13_tickets = 0;
@@ -103,7 +104,10 @@ pub fn client_security(dir: &Path, server_name: &str) -> Result<Security> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Config(format!("TLS: {e}")))?
         .with_root_certificates(roots(dir)?)
-        .with_client_auth_cert(certificates(dir, CLIENT_CERT)?, private_key(dir, CLIENT_KEY)?)
+        .with_client_auth_cert(
+            certificates(dir, CLIENT_CERT)?,
+            private_key(dir, CLIENT_KEY)?,
+        )
         .map_err(|e| dir_error(dir, CLIENT_KEY, e))?;
     config.enable_secret_extraction = true;
     config.resumption = rustls::client::Resumption::disabled();
@@ -197,7 +201,9 @@ pub fn make_test_certificates(
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut server);
     let server_key = KeyPair::generate().map_err(rcgen_error)?;
-    let server_cert = server.signed_by(&server_key, &issuer).map_err(rcgen_error)?;
+    let server_cert = server
+        .signed_by(&server_key, &issuer)
+        .map_err(rcgen_error)?;
 
     let mut client = CertificateParams::new(Vec::<String>::new()).map_err(rcgen_error)?;
     client
@@ -207,7 +213,9 @@ pub fn make_test_certificates(
     client.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut client);
     let client_key = KeyPair::generate().map_err(rcgen_error)?;
-    let client_cert = client.signed_by(&client_key, &issuer).map_err(rcgen_error)?;
+    let client_cert = client
+        .signed_by(&client_key, &issuer)
+        .map_err(rcgen_error)?;
 
     let files = [
         (CA_CERT, ca_cert.pem(), false),
@@ -259,7 +267,10 @@ mod tests {
         assert!(again.to_string().contains("exists"), "{again}");
         fs::remove_file(dir.join(SERVER_KEY)).unwrap();
         let missing = server_security(&dir).unwrap_err().to_string();
-        assert!(missing.contains(SERVER_KEY) && missing.contains("tls-certs"), "{missing}");
+        assert!(
+            missing.contains(SERVER_KEY) && missing.contains("tls-certs"),
+            "{missing}"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }
