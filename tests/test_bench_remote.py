@@ -20,11 +20,20 @@ def test_remote_section_reports_every_figure() -> None:
     bench.run_sections(config, report, {"remote"})
     remote = report.remote
     assert remote["bytes"] == 16 << 20
-    assert set(remote["throughput_mib_s"]) == {"raw TCP", "push random", "push half-zero"}
+    assert set(remote["throughput_mib_s"]) == {
+        "raw TCP",
+        "push random",
+        "push half-zero",
+        "push random, plaintext",
+        "push random, TLS",
+    }
     assert all(v > 0 for v in remote["throughput_mib_s"].values())
     # The random image is incompressible: every byte crosses the wire; half the other is zero.
     assert remote["bytes_received"]["push random"] == 16 << 20
     assert remote["bytes_received"]["push half-zero"] == 8 << 20
+    # The same bytes whatever protects them.
+    assert remote["bytes_received"]["push random, plaintext"] == 16 << 20
+    assert remote["bytes_received"]["push random, TLS"] == 16 << 20
     assert set(remote["latency"]) == set(bench.REMOTE_LATENCY_NAMES)
     idle = remote["latency"]["idle"]
     assert idle["samples"] == 64 and idle["faults"] == [64]
@@ -39,6 +48,8 @@ def test_remote_section_reports_every_figure() -> None:
         assert len(push_s) == 1 and push_s[0] > 0
     assert remote["server_summary"].startswith("served ")
     bench.evaluate_targets(report)
-    assert sum(t["target"].startswith("remote ") for t in report.targets) == 4
+    # Push vs raw TCP (2), encrypted push vs raw TCP (2), encrypted p99 vs plaintext (2), p99
+    # under push vs idle, the urgent channel.
+    assert sum(t["target"].startswith("remote ") for t in report.targets) == 8
     text = bench.render(report)
     assert "Remote post-copy over loopback TCP" in text and "no urgent channel" in text
