@@ -8,15 +8,12 @@ and ioctl. p50/p99 of one touch are in ``extra_info``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
 from pagewarden import bench
-
-BENCHES = Path(__file__).resolve().parent
 
 PAGES = 2048
 PYTHON_PAGES = 48  # the pure-Python handler needs ~a GIL switch interval per fault when busy
@@ -60,12 +57,12 @@ def test_pure_python(
 def test_gil_trap_pagewarden(benchmark: Any, pure_python: ModuleType) -> None:
     """A Python thread (holding the GIL) loads a missing guest page; pagewarden answers it. Run
     in a subprocess with a timeout, so a regression cannot hang the benchmark run."""
-    demo = benchmark.pedantic(bench.gil_demo, args=("pagewarden", BENCHES, 10.0), rounds=ROUNDS)
+    demo = benchmark.pedantic(bench.gil_demo, args=("pagewarden", 10.0), rounds=ROUNDS)
     assert not demo.deadlocked, demo.detail
     benchmark.extra_info["touch_s"] = demo.seconds
 
 
 def test_gil_trap_pure_python(pure_python: ModuleType) -> None:
     """The same with the pure-Python handler deadlocks (the subprocess is killed at 3 s)."""
-    demo = bench.gil_demo("Python", BENCHES, 3.0)
+    demo = bench.gil_demo("Python", 3.0)
     assert demo.deadlocked, demo.detail

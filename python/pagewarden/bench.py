@@ -4,9 +4,11 @@ Every fault scenario is run by four contenders on the same workload, interleaved
 repetition (the order rotates), on a fresh registered region per run:
 
 - ``pagewarden``: a ``Handler`` (prefetch off), its native event loop resolving every fault;
-- ``C``: ``benches/c/uffd_baseline.c``, compiled with gcc into a temporary directory at the start
-  of the run: one thread, poll + read + ioctl per fault, in its own process;
-- ``Python``: ``benches/pure_python_handler.py``, one Python thread, ``os.read`` + ``fcntl.ioctl``;
+- ``C``: ``pagewarden/baselines/uffd_baseline.c``, compiled with the machine's C compiler into a
+  temporary directory at the start of the run: one thread, poll + read + ioctl per fault, in its
+  own process;
+- ``Python``: ``pagewarden.baselines.pure_python_handler``, one Python thread, ``os.read`` +
+  ``fcntl.ioctl``;
 - ``floor``: the same touches with no userfaultfd at all (first-touch faults; for poison, the
   SIGBUS of an already installed marker).
 
@@ -24,9 +26,9 @@ latency idle, under push, and under push without the urgent channel. ``--only po
 faults/s with a per-fault Python ``on_fault`` and with a notifications-only policy against no
 policy. BENCHMARKS.md has a full run and what limits each number.
 
-The C baseline and the pure-Python handler live in the repository's ``benches/`` directory; it is
-found next to the package (a source checkout or ``maturin develop``), in the current directory,
-or at ``$PAGEWARDEN_BENCHES``.
+The C baseline and the pure-Python handler ship in the package (``pagewarden.baselines``), so an
+installed wheel runs the benchmark anywhere; without a C compiler (``$CC``, or cc, gcc or clang)
+the sections that need the C program (faults, bulk) are skipped with a note and the others run.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import importlib.util
 import json
 import math
 import mmap
@@ -55,7 +56,7 @@ from types import ModuleType
 from typing import Any, Literal, cast
 
 import pagewarden as pw
-from pagewarden import _native
+from pagewarden import _native, baselines
 
 Kind = Literal["copy", "zero", "poison", "continue", "hugetlb"]
 Contender = Literal["pagewarden", "C", "Python", "floor", "C batched"]
@@ -85,7 +86,7 @@ KIND_TITLES: dict[Kind, str] = {
 
 
 class BenchError(pw.PagewardenError):
-    """The benchmark cannot run here (a missing compiler, benches/ directory or dependency)."""
+    """The benchmark cannot run here (a missing dependency, or a baseline that does not build)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,50 +292,37 @@ def summarize(runs: Sequence[FaultRun], scenario: str) -> Summary:
 # Locating and building the baselines
 
 
-def find_benches_dir() -> Path:
-    """The repository's ``benches/`` directory (see the module docstring for where it looks)."""
-    candidates: list[Path] = []
-    env = os.environ.get("PAGEWARDEN_BENCHES")
-    if env:
-        candidates.append(Path(env))
-    candidates.append(Path(__file__).resolve().parent.parent.parent / "benches")
-    candidates.append(Path.cwd() / "benches")
-    for c in candidates:
-        if (c / "c" / "uffd_baseline.c").is_file() and (c / "pure_python_handler.py").is_file():
-            return c
-    raise BenchError(
-        2,
-        "pagewarden bench needs the repository's benches/ directory (the C baseline and the "
-        "pure-Python handler); run it from a source checkout or set PAGEWARDEN_BENCHES "
-        f"(looked in: {', '.join(str(c) for c in candidates)})",
-    )
+def find_c_compiler() -> str | None:
+    """The C compiler to build the baseline with: ``$CC``, else cc, gcc or clang on PATH."""
+    env = os.environ.get("CC")
+    if env and shutil.which(env):
+        return shutil.which(env)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
 
 
-def compile_c_baseline(benches: Path, workdir: Path) -> Path:
-    """Compiles ``benches/c/uffd_baseline.c`` with gcc into ``workdir``; returns the binary."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        raise BenchError(
-            2, "the C baseline is compiled at run time and needs gcc (apt-get install gcc)"
-        )
+def compile_c_baseline(workdir: Path) -> Path | None:
+    """Compiles the C baseline (``pagewarden/baselines/uffd_baseline.c``) into ``workdir``;
+    returns the binary, or None when this machine has no C compiler."""
+    compiler = find_c_compiler()
+    if compiler is None:
+        return None
     binary = workdir / "uffd_baseline"
-    cmd = [gcc, "-O2", "-pthread", "-o", str(binary), str(benches / "c" / "uffd_baseline.c")]
+    cmd = [compiler, "-O2", "-pthread", "-o", str(binary), str(baselines.C_BASELINE)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BenchError(2, f"compiling the C baseline failed:\n{done.stderr.strip()}")
     return binary
 
 
-def load_pure_python_handler(benches: Path) -> ModuleType:
-    """Imports ``benches/pure_python_handler.py`` by path."""
-    path = benches / "pure_python_handler.py"
-    spec = importlib.util.spec_from_file_location("pure_python_handler", path)
-    if spec is None or spec.loader is None:
-        raise BenchError(2, f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("pure_python_handler", module)
-    spec.loader.exec_module(module)
-    return module
+def load_pure_python_handler() -> ModuleType:
+    """The pure-Python handler module (``pagewarden.baselines.pure_python_handler``)."""
+    from pagewarden.baselines import pure_python_handler
+
+    return pure_python_handler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,11 +636,10 @@ def busy_python_threads(count: int) -> Iterator[None]:
 
 GIL_DEMO = r"""
 import ctypes, sys, time
-sys.path.insert(0, sys.argv[2])
 import pagewarden as pw
 size = 16 * 4096
 if sys.argv[1] == "Python":
-    import pure_python_handler as pph
+    from pagewarden.baselines import pure_python_handler as pph
     region = pph.Region("anonymous", size)
     handler = pph.PythonHandler(region, "zero")
     handler.start()
@@ -679,9 +666,9 @@ class GilDemo:
     detail: str
 
 
-def gil_demo(contender: str, benches: Path, timeout_s: float) -> GilDemo:
+def gil_demo(contender: str, timeout_s: float) -> GilDemo:
     """Runs the GIL-trap demonstration for ``contender`` in a subprocess with a timeout."""
-    cmd = [sys.executable, "-c", GIL_DEMO, contender, str(benches)]
+    cmd = [sys.executable, "-c", GIL_DEMO, contender]
     t0 = time.monotonic()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -1988,14 +1975,18 @@ SECTIONS = ("faults", "busy", "gil", "bulk", "remote", "policy")
 
 
 def run_sections(config: Config, report: Report, sections: set[str]) -> None:
-    """Runs the chosen sections of the benchmark into ``report``. Only the local sections need
-    the repository's benches/ directory and gcc; ``remote`` needs neither."""
+    """Runs the chosen sections of the benchmark into ``report``. The faults and bulk sections
+    need a C compiler for the C baseline; without one they are skipped with a note."""
     if sections & {"faults", "busy", "gil", "bulk"}:
-        benches = find_benches_dir()
-        pph = load_pure_python_handler(benches)
+        pph = load_pure_python_handler()
         with tempfile.TemporaryDirectory(prefix="pagewarden-bench-") as tmp:
-            binary = compile_c_baseline(benches, Path(tmp))
-            if "faults" in sections:
+            binary = compile_c_baseline(Path(tmp))
+            if binary is None and sections & {"faults", "bulk"}:
+                report.skipped.append(
+                    "faults and bulk: the C baseline is compiled at run time and this machine has "
+                    "no C compiler (cc, gcc, clang or $CC; e.g. apt-get install gcc)"
+                )
+            if "faults" in sections and binary is not None:
                 scenarios = list(SCENARIOS)
                 free = int(pw.capabilities()["hugepages_2m_free"])
                 if free < config.huge_pages:
@@ -2010,8 +2001,8 @@ def run_sections(config: Config, report: Report, sections: set[str]) -> None:
             if "gil" in sections:
                 _log("GIL trap demonstration")
                 for contender in ("pagewarden", "Python"):
-                    report.gil.append(gil_demo(contender, benches, config.gil_timeout_s))
-            if "bulk" in sections:
+                    report.gil.append(gil_demo(contender, config.gil_timeout_s))
+            if "bulk" in sections and binary is not None:
                 run_bulk(config, binary, report)
     if "remote" in sections:
         run_remote(config, report)
@@ -2069,9 +2060,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Measure pagewarden's fault path against a plain C userfaultfd handler, a pure-Python "
         "handler and the kernel floor (every contender on the same workload, interleaved), a "
         "busy Python process, the GIL trap, prefetch bandwidth, pre-poisoning, PoisonSet and "
-        "remote post-copy over loopback and Python policies on the fault path. Needs the "
-        "repository's benches/ directory and gcc (except --only remote and --only policy); run "
-        "as root for every scenario."
+        "remote post-copy over loopback and Python policies on the fault path. The C baseline "
+        "ships as source and is compiled at run time; without a C compiler the sections that "
+        "need it (faults, bulk) are skipped with a note. Run as root for every scenario."
     )
     parser.add_argument(
         "--quick",
