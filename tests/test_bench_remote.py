@@ -50,6 +50,13 @@ def test_remote_section_reports_every_figure() -> None:
     bench.evaluate_targets(report)
     # Push vs raw TCP (2), encrypted push vs raw TCP (2), encrypted p99 vs plaintext (2), p99
     # under push vs idle, the urgent channel.
-    assert sum(t["target"].startswith("remote ") for t in report.targets) == 8
+    seq = remote["sequential"]
+    assert set(seq) == {"idle", "one CPU busy"}
+    for x in seq.values():
+        assert x["pages"] == (16 << 20) // 4096
+        assert x["push_s"] > 0 and x["reader_total_s"] > 0
+        assert 0 <= x["faults"] <= x["pages"] * 2
+    # ... and the sequential reader's two per host.
+    assert sum(t["target"].startswith("remote ") for t in report.targets) == 12
     text = bench.render(report)
     assert "Remote post-copy over loopback TCP" in text and "no urgent channel" in text

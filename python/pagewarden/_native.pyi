@@ -278,7 +278,7 @@ class RemoteSource:
         insecure_no_token: bool = False,
         window: int = 16777216,
         urgent_channel: bool = True,
-        background: Literal["idle", "normal"] = "idle",
+        background: Literal["auto", "idle", "normal"] = "auto",
         tls_dir: str | PathLike[str] | None = None,
         tls_server_name: str | None = None,
     ) -> Self: ...
@@ -457,7 +457,7 @@ def serve(
     insecure_no_token: bool = False,
     handshake_timeout: float = 10.0,
     write_timeout: float = 30.0,
-    background: Literal["idle", "normal"] = "idle",
+    background: Literal["auto", "idle", "normal"] = "auto",
     tls_dir: str | PathLike[str] | None = None,
 ) -> Server:
     """Starts a page server for ``source`` on native threads."""

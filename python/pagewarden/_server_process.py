@@ -50,6 +50,7 @@ class ServerProcess:
         poison_file: Path | None = None,
         cpu: int | None = None,
         tls_dir: Path | None = None,
+        background: str | None = None,
     ) -> None:
         args = [sys.executable, "-c", _PINNED_MAIN, str(-1 if cpu is None else cpu), "serve"]
         args += [str(image), "--listen", "127.0.0.1:0"]
@@ -59,6 +60,8 @@ class ServerProcess:
             args += ["--token-file", str(token_file)]
         else:
             args += ["--insecure-no-token"]
+        if background is not None:
+            args += ["--background", background]
         if poison_file is not None:
             args += ["--poison", str(poison_file)]
         self.process = subprocess.Popen(

@@ -1203,6 +1203,56 @@ def remote_touch_run(
     )
 
 
+@contextlib.contextmanager
+def busy_cpu() -> Iterator[None]:
+    """Another process keeping a CPU busy (a Python loop, unpinned), as on a production host."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.05)
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def remote_sequential_run(
+    address: str, connect: dict[str, Any], size: int, reader: bool, cpu: int
+) -> dict[str, float]:
+    """The whole guest pushed with prefetch (default settings), alone or with a guest thread
+    reading every page in order from the start meanwhile (each page's first 8 bytes, timed
+    natively): seconds from start() until every page is in and the reader is done, and the
+    faults the handler resolved."""
+    with pw.RemoteSource(address, **connect) as source:
+        memory = pw.GuestMemory.anonymous(size)
+        handler = pw.Handler(memory, source, prefetch=True)
+        try:
+            started = time.perf_counter()
+            handler.start()
+            slow = 0
+            if reader:
+                pages = list(range(size // PAGE_4K))
+                _, latencies, sigbus = _native._bench_touch_pages(
+                    memory, pages, max_seconds=300.0, cpu=cpu
+                )
+                if sigbus:
+                    raise BenchError(2, f"{sigbus} reads of healthy remote pages raised SIGBUS")
+                slow = sum(1 for ns in latencies if ns > 20_000)
+            if not handler.wait(timeout=300):
+                handler.check()
+                raise BenchError(2, "the remote push did not finish in 300 s")
+            elapsed = time.perf_counter() - started
+            handler.check()
+            stats = handler.stats()
+        finally:
+            handler.close()
+    return {
+        "seconds": elapsed,
+        "faults": float(stats["faults"]),
+        "slow_pages": float(slow),
+        "jumps": float(stats["prefetch_jumps"]),
+    }
+
+
 def run_remote(config: Config, report: Report) -> None:
     """Remote post-copy on loopback against a page server in another process: the raw TCP
     stream bound against background push throughput (random image, and half-zero), and fault
@@ -1279,6 +1329,27 @@ def run_remote(config: Config, report: Report) -> None:
                             seed=rep,
                         )
                     )
+            sequential: dict[str, dict[str, list[dict[str, float]]]] = {}
+            for host in ("idle", "one CPU busy"):
+                seq_runs: dict[str, list[dict[str, float]]] = {
+                    "push only": [],
+                    "sequential reader": [],
+                }
+                _log(f"remote post-copy: a sequential reader during the push, {host}")
+                with busy_cpu() if host != "idle" else contextlib.nullcontext():
+                    for rep in range(config.repetitions):
+                        for name in list(seq_runs)[rep % 2 :] + list(seq_runs)[: rep % 2]:
+                            seq_runs[name].append(
+                                remote_sequential_run(
+                                    random_server.address,
+                                    connect["noise"],
+                                    size,
+                                    reader=name != "push only",
+                                    cpu=dest_cpu,
+                                )
+                            )
+                sequential[host] = seq_runs
+            report.remote["sequential_runs"] = sequential
             report.remote["server_summary"] = random_server.stop()
     latency: dict[str, Any] = {}
     for name, runs in samples.items():
@@ -1306,6 +1377,20 @@ def run_remote(config: Config, report: Report) -> None:
             "throughput_runs": throughput,
             "bytes_received": received,
             "latency": latency,
+            "sequential": {
+                host: {
+                    "push_s": statistics.median(r["seconds"] for r in runs["push only"]),
+                    "reader_total_s": statistics.median(
+                        r["seconds"] for r in runs["sequential reader"]
+                    ),
+                    "faults": statistics.median(r["faults"] for r in runs["sequential reader"]),
+                    "slow_pages": statistics.median(
+                        r["slow_pages"] for r in runs["sequential reader"]
+                    ),
+                    "pages": size // PAGE_4K,
+                }
+                for host, runs in report.remote.pop("sequential_runs").items()
+            },
         }
     )
 
@@ -1422,6 +1507,25 @@ def evaluate_targets(report: Report) -> None:
             r <= 3.0,
             f"{urgent:.0f} / {idle:.0f} µs",
         )
+        for host, x in remote.get("sequential", {}).items():
+            r = x["reader_total_s"] / x["push_s"]
+            _target(
+                report,
+                f"remote sequential reader during the push, {host}: total / push only",
+                r,
+                "<= 1.1",
+                r <= 1.1,
+                f"{x['reader_total_s']:.2f} / {x['push_s']:.2f} s",
+            )
+            pct = 100 * x["faults"] / x["pages"]
+            _target(
+                report,
+                f"remote sequential reader during the push, {host}: faults, % of pages",
+                pct,
+                "<= 1",
+                pct <= 1.0,
+                f"{x['faults']:.0f} of {x['pages']} pages",
+            )
         r = queued / urgent if urgent else 0.0
         _target(
             report,
@@ -1761,6 +1865,30 @@ def render(report: Report) -> str:
             )
         header = ["faulting thread", "p50 µs", "p99 µs", "p99 vs idle", "faults timed"]
         out.append(format_table(rows, header))
+        seq = remote.get("sequential")
+        if seq:
+            out.append("")
+            out.append(
+                "A guest thread reading every page in order from the start while the push runs "
+                "(default settings), against the push alone, on an idle host and with another "
+                "process keeping a CPU busy; faults are the handler's, slow pages those whose "
+                "first read took over 20 µs:"
+            )
+            out.append("")
+            rows = []
+            for host, x in seq.items():
+                rows.append(
+                    [
+                        host,
+                        f"{x['push_s']:.2f}",
+                        f"{x['reader_total_s']:.2f}",
+                        _ratio(x["reader_total_s"], x["push_s"]),
+                        f"{x['faults']:.0f} ({100 * x['faults'] / x['pages']:.1f}%)",
+                        f"{x['slow_pages']:.0f}",
+                    ]
+                )
+            header = ["host", "push only s", "with the reader s", "ratio", "faults", "slow pages"]
+            out.append(format_table(rows, header))
     if report.policy:
         from pagewarden.bench_policy import render_lines
 

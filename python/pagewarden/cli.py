@@ -489,10 +489,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--background",
-        choices=("idle", "normal"),
-        default="idle",
-        help="serve background streams at idle priority (default; fault requests never wait "
-        "for a CPU behind them) or normal priority (for hosts whose CPUs are always busy)",
+        choices=("auto", "idle", "normal"),
+        default="auto",
+        help="how background streams are scheduled: auto (default: idle priority, so fault "
+        "requests never wait for a CPU behind them, and normal priority while a busy host "
+        "would starve them), idle, or normal",
     )
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser(

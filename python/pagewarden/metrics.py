@@ -39,6 +39,7 @@ COUNTERS: dict[str, str] = {
     "pages_poisoned": "Poison markers installed (again after every removal).",
     "pages_prefetched": "Pages brought in by background prefetch.",
     "pages_prefetched_planned": "Pages brought in first by the given prefetch order.",
+    "prefetch_jumps": "Times the background stream moved to where the guest faulted.",
     "pages_poisoned_runtime": "Pages poisoned while the VM ran.",
     "pages_fenced": "Pages fenced by fail-stop (not hardware poison).",
     "eexist": "Resolutions that found the page already mapped.",

@@ -85,6 +85,8 @@ counters! {
     pages_prefetched,
     /// Of those, pages brought in by the prefetch order given (a recorded working set).
     pages_prefetched_planned,
+    /// Times the background stream moved to where the guest faulted (follow the guest).
+    prefetch_jumps,
     /// Resolutions that found the page already mapped (EEXIST), then woke the range.
     eexist,
     /// Resolutions retried because an event was pending (EAGAIN).

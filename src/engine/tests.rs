@@ -8,7 +8,7 @@ use super::{Handler, HandlerConfig, Mode};
 use crate::memory::GuestMemory;
 use crate::pagestate::PageState;
 use crate::poison::PoisonSet;
-use crate::source::{MemorySource, PageSource, ZeroSource};
+use crate::source::{MemorySource, PageData, PageSource, Want, ZeroSource};
 use crate::sys::probe::checksum;
 use crate::touch::{touch, PageOutcome, TouchOrder, TouchVia};
 
@@ -498,4 +498,93 @@ fn closing_a_resumed_handler_fences_every_missing_page_past_thousands_present() 
             );
         }
     }
+}
+
+/// A memory source whose background reads are slow and recorded, to watch where the
+/// background stream goes.
+struct SlowBackground {
+    inner: MemorySource,
+    reads: std::sync::Mutex<Vec<u64>>,
+}
+
+impl PageSource for SlowBackground {
+    fn name(&self) -> String {
+        "slow background".into()
+    }
+
+    fn size(&self) -> Option<u64> {
+        self.inner.size()
+    }
+
+    fn locate(&self, guest_address: u64, len: u64) -> crate::error::Result<PageData> {
+        self.inner.locate(guest_address, len)
+    }
+
+    fn fetch(&self, guest_address: u64, len: u64, want: Want) -> crate::error::Result<PageData> {
+        if matches!(want, Want::Background) {
+            self.reads.lock().unwrap().push(guest_address);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        self.inner.locate(guest_address, len)
+    }
+}
+
+#[test]
+fn the_background_stream_follows_the_guest_and_sweeps_up_what_it_skipped() {
+    if !uffd_usable() {
+        return;
+    }
+    let pages = 4096u64; // 16 MiB: at 64 KiB and 2 ms per background read, ~0.5 s to stream
+    let bytes = image((pages * 4096) as usize, 9);
+    let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
+    let source = Arc::new(SlowBackground {
+        inner: MemorySource::from_vec(bytes.clone()),
+        reads: std::sync::Mutex::new(Vec::new()),
+    });
+    let h = Handler::new(
+        vec![memory.clone()],
+        source.clone(),
+        &PoisonSet::new(4096).unwrap(),
+        HandlerConfig {
+            mode: Mode::Missing,
+            prefetch: true,
+        },
+    )
+    .unwrap();
+    h.start().unwrap();
+    // The guest reads from three quarters in, long before the stream (at the start) gets there.
+    let from = pages * 3 / 4;
+    let touched: Vec<u64> = (from..from + 8).map(|p| p * 4096).collect();
+    let report = touch(
+        &memory,
+        Some(touched),
+        1,
+        TouchOrder::Sequential,
+        TouchVia::Load,
+    )
+    .unwrap();
+    for (gpa, outcome) in &report.outcomes {
+        let page = &bytes[*gpa as usize..*gpa as usize + 4096];
+        assert_eq!(*outcome, PageOutcome::Data(checksum(page)), "page {gpa:#x}");
+    }
+    assert!(h.wait(Some(Duration::from_secs(60))).unwrap());
+    let stats = h.stats();
+    assert!(stats.prefetch_jumps >= 1, "{stats:?}");
+    // The stream went on from the fault: its next read after the jump is just past it.
+    let reads = source.reads.lock().unwrap().clone();
+    let after_fault = (from + 1) * 4096;
+    assert!(
+        reads.contains(&after_fault),
+        "the stream never continued from the fault: {:?}",
+        &reads[..reads.len().min(20)]
+    );
+    // And nothing was skipped for good: every page is in, with the source's bytes.
+    let all = touch(&memory, None, 1, TouchOrder::Sequential, TouchVia::Load).unwrap();
+    for (gpa, outcome) in &all.outcomes {
+        let page = &bytes[*gpa as usize..*gpa as usize + 4096];
+        assert_eq!(*outcome, PageOutcome::Data(checksum(page)), "page {gpa:#x}");
+    }
+    assert_eq!(h.stats().faults, stats.faults, "the second pass faulted");
+    h.close();
+    assert!(h.failure().is_none());
 }

@@ -65,10 +65,11 @@ fn connected_stream(
 ///
 /// `window` bounds the bytes of background requests in flight. `urgent_channel=False` sends fault
 /// requests behind the background stream on one connection; it exists to measure what the
-/// urgent channel is worth, not for production. `background="idle"` (the default) receives
+/// urgent channel is worth, not for production. `background="auto"` (the default) receives
 /// background data under `SCHED_IDLE`, so a thread waiting for a page never waits for a CPU
-/// behind it; `"normal"` receives it at normal priority, for a host whose CPUs are always busy
-/// (there an idle-priority push would barely advance).
+/// behind it, and at normal priority while a busy host would starve it
+/// (`stats()["background_promotions"]` counts those times); `"idle"` always under
+/// `SCHED_IDLE`; `"normal"` always at normal priority.
 #[pyclass(frozen, module = "pagewarden._native")]
 pub struct RemoteSource {
     core: Arc<CoreRemote>,
@@ -85,7 +86,7 @@ impl RemoteSource {
 impl RemoteSource {
     /// Connects to `address` ("host:port").
     #[new]
-    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 16777216, urgent_channel = true, background = "idle", tls_dir = None, tls_server_name = None))]
+    #[pyo3(signature = (address = None, token = None, *, connect = None, give_up_after = 30.0, insecure_no_token = false, window = 16777216, urgent_channel = true, background = "auto", tls_dir = None, tls_server_name = None))]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
     fn new(
         py: Python<'_>,
@@ -134,7 +135,7 @@ impl RemoteSource {
         config.give_up_after = Duration::from_secs_f64(give_up_after);
         config.window = window;
         config.urgent_channel = urgent_channel;
-        config.background_idle = super::serve::background_is_idle(background)?;
+        config.background = super::serve::background_of(background)?;
         config.tls_dir = tls_dir;
         config.tls_server_name = tls_server_name;
         let core = py.detach(move || CoreRemote::connect(config)).py_err()?;

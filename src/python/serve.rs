@@ -219,19 +219,19 @@ pub(crate) fn token_of(token: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<
     )))
 }
 
-/// `background="idle"` (the default) or `"normal"`: whether the threads that move background
-/// data run under `SCHED_IDLE`; true for idle.
-pub(crate) fn background_is_idle(background: &str) -> PyResult<bool> {
-    match background {
-        "idle" => Ok(true),
-        "normal" => Ok(false),
-        other => Err(Error::Config(format!(
-            "background must be \"idle\" (background data only on otherwise idle CPU, the \
-             default) or \"normal\" (normal priority, for hosts whose CPUs are always busy), \
-             not {other:?}"
-        )))
-        .py_err(),
-    }
+/// `background="auto"` (the default), `"idle"` or `"normal"`: how the threads that move
+/// background data are scheduled.
+pub(crate) fn background_of(background: &str) -> PyResult<crate::remote::priority::Background> {
+    crate::remote::priority::Background::parse(background)
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "background must be \"auto\" (idle priority, normal while a busy host starves \
+                 it: the default), \"idle\" (background data only on otherwise idle CPU) or \
+                 \"normal\" (normal priority), not {other:?}",
+                other = background
+            ))
+        })
+        .py_err()
 }
 
 /// Starts a page server for `source` on native threads and returns its `Server`.
@@ -246,12 +246,12 @@ pub(crate) fn background_is_idle(background: &str) -> PyResult<bool> {
 /// server-key.pem; `pagewarden tls-certs` makes a test set), connections use mutual TLS 1.3
 /// instead and the token is optional. One of the two is mandatory unless
 /// `insecure_no_token=True` on a loopback address, which serves plaintext. `handshake_timeout` and `write_timeout` (seconds) drop peers that stall.
-/// `background="idle"` (the default) serves each destination's background stream under
-/// `SCHED_IDLE`, so fault requests never wait for a CPU behind it; `"normal"` serves it at
-/// normal priority, for a host whose CPUs are always busy (there an idle-priority stream would
-/// barely advance).
+/// `background="auto"` (the default) serves each destination's background stream under
+/// `SCHED_IDLE`, so fault requests never wait for a CPU behind it, and at normal priority while a
+/// busy host would starve it; `"idle"` always under `SCHED_IDLE`; `"normal"` always at normal
+/// priority.
 #[pyfunction]
-#[pyo3(signature = (source, poison = None, listen = "127.0.0.1:0", token = None, insecure_no_token = false, handshake_timeout = 10.0, write_timeout = 30.0, background = "idle", tls_dir = None))]
+#[pyo3(signature = (source, poison = None, listen = "127.0.0.1:0", token = None, insecure_no_token = false, handshake_timeout = 10.0, write_timeout = 30.0, background = "auto", tls_dir = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     py: Python<'_>,
@@ -280,7 +280,7 @@ pub fn serve(
         insecure_no_token,
         handshake_timeout: timeout("handshake_timeout", handshake_timeout)?,
         write_timeout: timeout("write_timeout", write_timeout)?,
-        background_idle: background_is_idle(background)?,
+        background: background_of(background)?,
         tls_dir,
     };
     let source = source_of(py, source)?;

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::priority::{Background, Watched};
 use super::protocol::{
     client_handshake, expect_header, read_payload, read_text, tls_or_token, write_frame, Geometry,
     Header, Kind, Role, FLAG_URGENT, MAX_DATA,
@@ -62,10 +63,10 @@ pub struct RemoteConfig {
     /// Send fault requests on their own connection (the default). Off, they queue behind the
     /// background stream: only for measuring what the urgent channel is worth.
     pub urgent_channel: bool,
-    /// Receive background data under `SCHED_IDLE` (the default): faults never wait for a CPU
-    /// behind it, but on a host whose CPUs are all busy the push advances only in idle time.
-    /// Off, the bulk receiver runs at normal priority.
-    pub background_idle: bool,
+    /// How the bulk receiver is scheduled: `Auto` (the default) under `SCHED_IDLE`, so that
+    /// faults never wait for a CPU behind background data, promoted to normal priority while a
+    /// busy host starves it (see [`super::priority`]).
+    pub background: Background,
     /// An x509 directory (QEMU's `tls-creds-x509` layout): mutual TLS 1.3 instead of Noise.
     pub tls_dir: Option<std::path::PathBuf>,
     /// The name the server's certificate must carry (default: the host of `address`).
@@ -84,7 +85,7 @@ impl RemoteConfig {
             window: 16 << 20,
             connect_timeout: Duration::from_secs(5),
             urgent_channel: true,
-            background_idle: true,
+            background: Background::Auto,
             tls_dir: None,
             tls_server_name: None,
         }
@@ -183,6 +184,8 @@ struct Inner {
     key: Vec<u8>,
     /// How connections are protected.
     security: Security,
+    /// The bulk receiver, as the starvation guard sees it.
+    bulk_watch: Arc<Watched>,
     geometry: Geometry,
     ready: EventFd,
     /// Background answers, applied one per `drain` after every urgent one.
@@ -369,7 +372,12 @@ impl RemoteSource {
 
     /// The counters.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
-        self.inner.stats.snapshot()
+        let mut stats = self.inner.stats.snapshot();
+        stats.push((
+            "background_promotions",
+            self.inner.bulk_watch.promotions.load(Ordering::Relaxed),
+        ));
+        stats
     }
 
     /// Stops the threads and closes the connections. Idempotent; pages not yet received are
@@ -422,6 +430,7 @@ impl Inner {
             config,
             key,
             security,
+            bulk_watch: Arc::new(Watched::default()),
             geometry,
             ready: EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| Error::os("eventfd", e))?,
@@ -719,10 +728,11 @@ impl Inner {
 
     /// One connection's receiver: reads answers until the connection ends.
     fn receive(self: Arc<Self>, channel: usize, mut stream: SecureReader<TcpStream>) {
-        if channel == Role::Bulk as usize && self.config.background_idle {
-            // Background data waits for the CPU while any thread waits for a page.
-            let _ = crate::sys::make_this_thread_background();
-        }
+        // Background data waits for the CPU while any thread waits for a page (unless a busy
+        // host starves it).
+        let _watched = (channel == Role::Bulk as usize)
+            .then(|| super::priority::background_thread(self.config.background, &self.bulk_watch))
+            .flatten();
         match self.receive_frames(channel, &mut stream) {
             Ok(()) => {}
             Err(e @ Error::Protocol(_)) => {
@@ -758,6 +768,9 @@ impl Inner {
             let h = expect_header(stream)?;
             if self.stop.load(Ordering::Acquire) {
                 return Ok(());
+            }
+            if channel == Role::Bulk as usize {
+                self.bulk_watch.tick();
             }
             if !matches!(
                 h.kind,

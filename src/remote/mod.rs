@@ -4,6 +4,7 @@
 pub mod client;
 #[cfg(test)]
 mod fuzz;
+pub mod priority;
 pub mod protocol;
 pub mod secure;
 pub mod server;

@@ -22,6 +22,7 @@ use nix::sys::socket::{sockopt, AddressFamily, SockType, SockaddrLike, SockaddrS
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 
+use super::priority::{Background, Watched};
 use super::protocol::{
     io_error, read_header, server_handshake, tls_or_token, write_all_vectored, Geometry, Header,
     Kind, Role, FLAG_URGENT, HEADER_LEN, MAX_DATA, MAX_POISON_RANGES, MAX_TEXT,
@@ -483,9 +484,10 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// How long a write may block before a client that stopped reading is dropped.
     pub write_timeout: Duration,
-    /// Serve bulk (background) connections under `SCHED_IDLE` (the default), so that urgent
-    /// requests never wait for a CPU behind them; off, at normal priority.
-    pub background_idle: bool,
+    /// How bulk (background) connections are served: `Auto` (the default) under `SCHED_IDLE`,
+    /// so that urgent requests never wait for a CPU behind them, promoted to normal priority
+    /// while a busy host starves them (see [`super::priority`]).
+    pub background: Background,
     /// An x509 directory (QEMU's `tls-creds-x509` layout): mutual TLS 1.3 instead of Noise;
     /// the token becomes optional.
     pub tls_dir: Option<std::path::PathBuf>,
@@ -498,7 +500,7 @@ impl Default for ServerConfig {
             insecure_no_token: false,
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
-            background_idle: true,
+            background: Background::Auto,
             tls_dir: None,
         }
     }
@@ -537,11 +539,14 @@ pub struct ServerStats {
     /// Connections closed because a record failed authentication (changed, replayed,
     /// reordered, cut or from another connection on the way).
     pub records_rejected: u64,
+    /// Times a bulk connection's thread, starved at idle priority on a busy host, was moved to
+    /// normal priority (counted when its connection ends).
+    pub background_promotions: u64,
 }
 
 impl ServerStats {
     /// (name, value) pairs, in declaration order.
-    pub fn pairs(&self) -> [(&'static str, u64); 14] {
+    pub fn pairs(&self) -> [(&'static str, u64); 15] {
         [
             ("connections_accepted", self.connections_accepted),
             ("connections_active", self.connections_active),
@@ -557,6 +562,7 @@ impl ServerStats {
             ("pages_failed", self.pages_failed),
             ("poison_discovered", self.poison_discovered),
             ("records_rejected", self.records_rejected),
+            ("background_promotions", self.background_promotions),
         ]
     }
 }
@@ -577,6 +583,7 @@ struct Counters {
     pages_failed: AtomicU64,
     poison_discovered: AtomicU64,
     records_rejected: AtomicU64,
+    background_promotions: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -746,6 +753,7 @@ impl Server {
             pages_failed: get(&c.pages_failed),
             poison_discovered: get(&c.poison_discovered),
             records_rejected: get(&c.records_rejected),
+            background_promotions: get(&c.background_promotions),
         }
     }
 
@@ -782,7 +790,7 @@ impl Server {
     /// for the protocol fuzzer.
     #[cfg(test)]
     pub(crate) fn serve_requests_io<S: Read + Write>(&self, s: &mut S, role: Role) -> Result<()> {
-        let r = self.shared.serve_requests(s, role);
+        let r = self.shared.serve_requests(s, role, None);
         self.shared.count_outcome(&r);
         r
     }
@@ -942,17 +950,31 @@ impl Shared {
         let role = server_handshake(s, &self.token, self.geometry, &poison)?;
         drop(poison);
         after_handshake(&mut s.inner)?;
-        if role == Role::Bulk && self.config.background_idle {
-            // The background stream yields the CPU to the urgent connections' threads, so a
-            // fault's request is never served behind megabytes of background data.
-            let _ = crate::sys::make_this_thread_background();
+        if role == Role::Urgent {
+            return self.serve_requests(s, role, None);
         }
-        self.serve_requests(s, role)
+        // The background stream yields the CPU to the urgent connections' threads, so a fault's
+        // request is never served behind megabytes of background data (unless a busy host
+        // starves it).
+        let watched = Arc::new(Watched::default());
+        let registration = super::priority::background_thread(self.config.background, &watched);
+        let r = self.serve_requests(s, role, Some(&watched));
+        drop(registration);
+        bump(
+            &self.counters.background_promotions,
+            watched.promotions.load(Ordering::Relaxed),
+        );
+        r
     }
 
     /// The request loop after a handshake: until the client ends the stream (`Ok`) or breaks a
     /// rule (`Error::Protocol`) or the connection fails.
-    fn serve_requests<S: Read + Write>(&self, s: &mut S, role: Role) -> Result<()> {
+    fn serve_requests<S: Read + Write>(
+        &self,
+        s: &mut S,
+        role: Role,
+        watched: Option<&Watched>,
+    ) -> Result<()> {
         // One read buffer and one frame batch per connection, reused by every request.
         let mut buf = vec![0u8; MAX_DATA.min(self.geometry.memory_size) as usize];
         let mut out = Vec::with_capacity(64 * HEADER_LEN);
@@ -968,6 +990,9 @@ impl Shared {
             }
             self.geometry
                 .check("REQUEST", h.guest_address, h.length, MAX_DATA)?;
+            if let Some(w) = watched {
+                w.tick();
+            }
             bump(&self.counters.requests, 1);
             if role == Role::Urgent || h.flags & FLAG_URGENT != 0 {
                 bump(&self.counters.urgent_requests, 1);

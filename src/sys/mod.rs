@@ -10,18 +10,22 @@ pub mod probe;
 
 pub use abi::*;
 
-/// Runs the calling thread under SCHED_IDLE from now on: it gets a CPU only when no ordinary
-/// thread wants it. For background work (receiving prefetch data) that must never delay a
-/// thread that is waiting for a page. Needs no privilege.
-pub fn make_this_thread_background() -> Result<(), nix::errno::Errno> {
+/// Moves thread `tid` of this process to SCHED_IDLE (`idle`) or back to SCHED_OTHER at nice 0.
+/// Needs no privilege for the process's own threads.
+pub fn set_thread_idle(tid: i32, idle: bool) -> Result<(), nix::errno::Errno> {
     let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for SCHED_IDLE.
-    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-    if rc == 0 {
-        Ok(())
+    let policy = if idle {
+        libc::SCHED_IDLE
     } else {
-        Err(nix::errno::Errno::last())
+        libc::SCHED_OTHER
+    };
+    // SAFETY: `tid` names a thread (of this process, by the caller's contract; the kernel checks
+    // permission either way); `param` is a valid sched_param for both policies.
+    let rc = unsafe { libc::sched_setscheduler(tid, policy, &param) };
+    if rc != 0 {
+        return Err(nix::errno::Errno::last());
     }
+    Ok(())
 }
 
 /// The signals a process is stopped or steered with (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1,

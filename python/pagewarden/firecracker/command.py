@@ -180,10 +180,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--background",
-        choices=("idle", "normal"),
-        help="with --source: receive background data at idle priority (default; faults never "
-        "wait for a CPU behind it) or normal priority (for hosts whose CPUs are always busy, "
-        "where an idle-priority push barely advances)",
+        choices=("auto", "idle", "normal"),
+        help="with --source: how background data is received: auto (default: idle priority, "
+        "so faults never wait for a CPU behind it, and normal priority while a busy host would "
+        "starve it), idle, or normal",
     )
 
 
@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
                         token,
                         give_up_after=args.give_up_after,
                         insecure_no_token=args.insecure_no_token,
-                        background=args.background or "idle",
+                        background=args.background or "auto",
                         tls_dir=args.tls_dir,
                         tls_server_name=args.tls_server_name,
                     )
