@@ -105,6 +105,19 @@ def _recv_or_eof(sock: socket.socket, n: int) -> bytes:
     return first + (recv_exact(sock, n - len(first)) if len(first) < n else b"")
 
 
+def _noise(initiator: bool, token: bytes, prologue: bytes) -> NoiseConnection:
+    """A Noise handshake of the token, started, for either end."""
+    noise = NoiseConnection.from_name(NOISE_NAME)
+    if initiator:
+        noise.set_as_initiator()
+    else:
+        noise.set_as_responder()
+    noise.set_psks(psk=psk_of(token))
+    noise.set_prologue(prologue)
+    noise.start_handshake()
+    return noise
+
+
 def client_channel(
     sock: socket.socket,
     token: bytes | None,
@@ -129,11 +142,7 @@ def client_channel(
     if mode == PLAIN:
         return sock
     assert token is not None
-    noise = NoiseConnection.from_name(NOISE_NAME)
-    noise.set_as_initiator()
-    noise.set_psks(psk=psk_of(token))
-    noise.set_prologue(preamble(mode) + reply)
-    noise.start_handshake()
+    noise = _noise(True, token, preamble(mode) + reply)
     msg = noise.write_message()
     sock.sendall(struct.pack(">H", len(msg)) + msg)
     head = _recv_or_eof(sock, 2)
@@ -155,11 +164,7 @@ def server_channel(sock: socket.socket, token: bytes | None) -> Conn:
     if mode == PLAIN:
         return sock
     assert token is not None
-    noise = NoiseConnection.from_name(NOISE_NAME)
-    noise.set_as_responder()
-    noise.set_psks(psk=psk_of(token))
-    noise.set_prologue(theirs + ours)
-    noise.start_handshake()
+    noise = _noise(False, token, theirs + ours)
     (n,) = struct.unpack(">H", recv_exact(sock, 2))
     noise.read_message(recv_exact(sock, n))
     msg = noise.write_message()

@@ -41,9 +41,23 @@ fn image(size: usize, seed: u64) -> Vec<u8> {
 
 /// A MISSING-mode handler serving `bytes` into `memory`, without poison.
 fn missing_mode_handler(memory: &Arc<GuestMemory>, bytes: &[u8], prefetch: bool) -> Handler {
+    handler_over(
+        memory,
+        Arc::new(MemorySource::from_vec(bytes.to_vec())),
+        prefetch,
+    )
+}
+
+/// A MISSING-mode handler serving `source` into `memory`, without poison. Shared with the
+/// other modules' tests.
+pub(crate) fn handler_over(
+    memory: &Arc<GuestMemory>,
+    source: Arc<dyn PageSource>,
+    prefetch: bool,
+) -> Handler {
     Handler::new(
         vec![memory.clone()],
-        Arc::new(MemorySource::from_vec(bytes.to_vec())),
+        source,
         &PoisonSet::new(4096).unwrap(),
         HandlerConfig {
             mode: Mode::Missing,
@@ -541,16 +555,7 @@ fn the_background_stream_follows_the_guest_and_sweeps_up_what_it_skipped() {
         inner: MemorySource::from_vec(bytes.clone()),
         reads: std::sync::Mutex::new(Vec::new()),
     });
-    let h = Handler::new(
-        vec![memory.clone()],
-        source.clone(),
-        &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Missing,
-            prefetch: true,
-        },
-    )
-    .unwrap();
+    let h = handler_over(&memory, source.clone(), true);
     h.start().unwrap();
     // The guest reads from three quarters in, long before the stream (at the start) gets there.
     let from = pages * 3 / 4;

@@ -573,25 +573,38 @@ pub struct SecureStream<S> {
     pub writer: RecordWriter,
 }
 
-impl<S: Read> Read for SecureStream<S> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.reader.read_from(&mut self.inner, buf)
-    }
+/// Read through a [`RecordReader`] field `reader` and Write through a [`RecordWriter`] field
+/// `writer`, over the stream in field `inner`.
+macro_rules! record_read {
+    ($t:ident) => {
+        impl<S: Read> Read for $t<S> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                self.reader.read_from(&mut self.inner, buf)
+            }
+        }
+    };
 }
 
-impl<S: Write> Write for SecureStream<S> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.writer.write_to(&mut self.inner, &[IoSlice::new(buf)])
-    }
+macro_rules! record_write {
+    ($t:ident) => {
+        impl<S: Write> Write for $t<S> {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.writer.write_to(&mut self.inner, &[IoSlice::new(buf)])
+            }
 
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        self.writer.write_to(&mut self.inner, bufs)
-    }
+            fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+                self.writer.write_to(&mut self.inner, bufs)
+            }
 
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.inner.flush()
+            }
+        }
+    };
 }
+
+record_read!(SecureStream);
+record_write!(SecureStream);
 
 /// The receiving half alone, over its own handle of the socket.
 #[derive(Debug)]
@@ -602,11 +615,7 @@ pub struct SecureReader<S> {
     pub reader: RecordReader,
 }
 
-impl<S: Read> Read for SecureReader<S> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.reader.read_from(&mut self.inner, buf)
-    }
-}
+record_read!(SecureReader);
 
 /// The sending half alone.
 #[derive(Debug)]
@@ -617,19 +626,7 @@ pub struct SecureWriter<S> {
     pub writer: RecordWriter,
 }
 
-impl<S: Write> Write for SecureWriter<S> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.writer.write_to(&mut self.inner, &[IoSlice::new(buf)])
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        self.writer.write_to(&mut self.inner, bufs)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
+record_write!(SecureWriter);
 
 fn preamble(mode: Mode) -> [u8; PREAMBLE_LEN] {
     let mut p = [0u8; PREAMBLE_LEN];

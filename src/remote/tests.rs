@@ -7,11 +7,9 @@ use std::time::Duration;
 use super::client::{RemoteConfig, RemoteSource};
 use super::protocol::{read_header, write_frame, Geometry, Header, Kind};
 use super::secure::{server_accept, Security};
-use crate::engine::tests::uffd_usable;
-use crate::engine::{Handler, HandlerConfig, Mode};
+use crate::engine::tests::{handler_over, uffd_usable};
 use crate::error::Error;
 use crate::memory::GuestMemory;
-use crate::poison::PoisonSet;
 use crate::sys::probe::checksum;
 use crate::touch::{touch, PageOutcome, TouchOrder, TouchVia};
 
@@ -88,16 +86,7 @@ fn remote_source_serves_bytes_and_poison() {
     let source =
         Arc::new(RemoteSource::connect(RemoteConfig::new(address, Some(TOKEN.to_vec()))).unwrap());
     let memory = Arc::new(GuestMemory::anonymous(size as u64, 0).unwrap());
-    let handler = Handler::new(
-        vec![memory.clone()],
-        source.clone(),
-        &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Missing,
-            prefetch: true,
-        },
-    )
-    .unwrap();
+    let handler = handler_over(&memory, source.clone(), true);
     handler.start().unwrap();
     let report = touch(&memory, None, 2, TouchOrder::Random(3), TouchVia::Load).unwrap();
     assert!(handler.wait(Some(Duration::from_secs(30))).unwrap());
@@ -145,16 +134,7 @@ fn a_server_answering_the_wrong_range_fail_stops_without_writing() {
     let source =
         Arc::new(RemoteSource::connect(RemoteConfig::new(address, Some(TOKEN.to_vec()))).unwrap());
     let memory = Arc::new(GuestMemory::anonymous(size as u64, 0).unwrap());
-    let handler = Handler::new(
-        vec![memory.clone()],
-        source,
-        &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Missing,
-            prefetch: false,
-        },
-    )
-    .unwrap();
+    let handler = handler_over(&memory, source, false);
     handler.start().unwrap();
     let report = touch(&memory, None, 1, TouchOrder::Sequential, TouchVia::Load).unwrap();
     // Every page SIGBUSes (fenced); none holds bytes the server sent for another page.
