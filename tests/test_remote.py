@@ -486,3 +486,28 @@ def test_background_priority_is_checked() -> None:
         pw.serve(bytes(4096), insecure_no_token=True, background="low")  # type: ignore[arg-type]
     with pytest.raises(pw.ConfigurationError, match=r'background must be "auto".*not "low"'):
         pw.RemoteSource("127.0.0.1:9", insecure_no_token=True, background="low")  # type: ignore[arg-type]
+
+
+def test_a_guest_reading_right_behind_the_push_waits_for_it_and_reads_right() -> None:
+    """A thread that reads the guest in order from the start, as the push streams it, faults on
+    pages the background stream is answering at that moment: those faults wait for that answer
+    (``faults_joined_background``) instead of asking again, and every page reads right."""
+    size = 32 * MiB
+    image = make_image(size, 71)
+    with pw.serve(image, token=TOKEN) as server:
+        assert server.address is not None
+        address = "%s:%d" % server.address  # noqa: UP031
+        mem = pw.GuestMemory.anonymous(size)
+        with (
+            pw.RemoteSource(address, TOKEN) as source,
+            pw.Handler(mem, source, prefetch=True) as h,
+        ):
+            h.start()
+            result = mem.touch(order="sequential")
+            assert h.wait(timeout=60)
+            h.check()
+            verify(mem, result, image, [])
+            stats = source.stats()
+            assert stats["faults_joined_background"] > 0, stats
+            # Joined faults are not asked again on the urgent connection.
+            assert stats["urgent_requests"] < h.stats()["faults"], (stats, h.stats())

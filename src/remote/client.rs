@@ -129,6 +129,9 @@ remote_counters! {
     /// Connections closed because a record failed authentication (changed, replayed,
     /// reordered, cut or from another connection on the way).
     records_rejected,
+    /// Faults on a page at the head of the background stream, left to its answer rather than
+    /// asked for again on the urgent connection (a guest reading right behind the push).
+    faults_joined_background,
 }
 
 #[derive(Debug)]
@@ -139,6 +142,9 @@ struct Request {
     since: Instant,
     /// A thread is blocked on it.
     urgent: bool,
+    /// A background request a thread came to wait on (the page it faulted on, and since when):
+    /// its answers go to the loop as urgent ones, and no urgent request repeats it.
+    waited: Option<(u64, Instant)>,
 }
 
 #[derive(Default)]
@@ -206,6 +212,9 @@ struct Inner {
 }
 
 const POOL_MAX: usize = 16;
+/// A fault at most this far into the background answer being received waits for it rather than
+/// asking again: about 0.2 ms of stream at the push rates measured here.
+const JOIN_AHEAD: u64 = 256 << 10;
 /// Background bytes applied per `drain` before the loop looks at its faults again.
 const BULK_BUDGET: u64 = 256 << 10;
 /// The most background data applied in one piece (one UFFDIO_COPY): about 60 µs of copying at
@@ -771,6 +780,8 @@ impl Inner {
             }
             if channel == Role::Bulk as usize {
                 self.bulk_watch.tick();
+            } else {
+                super::priority::urgent_work_done();
             }
             if !matches!(
                 h.kind,
@@ -848,15 +859,23 @@ impl Inner {
                 let mut urgent = false;
                 if let Some(r) = c.requests.front_mut() {
                     urgent = r.urgent;
+                    if let Some((gpa, waited_since)) = r.waited {
+                        // A thread waits in this background answer: wake the loop now, and
+                        // time the frame that holds its page as a fault's answer.
+                        urgent = true;
+                        if (h.guest_address..h.guest_address + h.length).contains(&gpa) {
+                            since = Some(waited_since);
+                        }
+                    }
                     r.done += h.length;
                     if r.done == r.len {
                         since = Some(r.since).filter(|_| r.urgent);
                         finished = Some((r.len, r.urgent));
                     }
                 }
-                if let Some((len, urgent)) = finished {
+                if let Some((len, urgent_request)) = finished {
                     c.requests.pop_front();
-                    if !urgent {
+                    if !urgent_request {
                         channels.bulk_in_flight -= len;
                     }
                 }
@@ -928,6 +947,27 @@ impl PageSource for RemoteSource {
                 return Ok(PageData::Busy);
             }
             channels.bulk_in_flight += len;
+        } else if role == Role::Urgent {
+            // A fault on a page the background stream is answering right now (a guest reading
+            // right behind the push): its answer is the next to arrive, so wait for it instead
+            // of asking again; an urgent request would only send the page twice.
+            let bulk = &mut channels.ch[Role::Bulk as usize];
+            if bulk.stream.is_some() {
+                if let Some(r) = bulk.requests.front_mut() {
+                    let unanswered = r.guest_address + r.done..r.guest_address + r.len;
+                    if unanswered.contains(&guest_address)
+                        && guest_address + len <= unanswered.end
+                        && guest_address - unanswered.start < JOIN_AHEAD
+                    {
+                        r.waited.get_or_insert((guest_address, Instant::now()));
+                        inner
+                            .stats
+                            .faults_joined_background
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Ok(PageData::Pending);
+                    }
+                }
+            }
         }
         let c = &mut channels.ch[role as usize];
         c.requests.push_back(Request {
@@ -936,6 +976,7 @@ impl PageSource for RemoteSource {
             done: 0,
             since: Instant::now(),
             urgent,
+            waited: None,
         });
         if let Some(stream) = c.stream.as_mut() {
             let mut h = Header::new(Kind::Request, guest_address, len);
@@ -1087,6 +1128,7 @@ impl RemoteSource {
                         done: 0,
                         since: Instant::now(),
                         urgent: true,
+                        waited: None,
                     });
             }
         }

@@ -8,7 +8,8 @@
 //! (nice 5: 417, nice 10: 160), fault p99 under that push 4.7x the busy host's idle p99 (nice 5:
 //! 3.8x, nice 10: 3.2x): nice 0, because a starved push is the failure operators see. [`Background::Auto`] (the default) keeps both:
 //! the thread runs under `SCHED_IDLE`, and a guard looks at it every [`TICK`]; a thread found
-//! runnable and without progress at two looks in a row is starved, and goes to normal priority.
+//! runnable and without progress at two looks in a row, while this process did no work for
+//! faults (which it should yield to), is starved by others, and goes to normal priority.
 //! Every [`PROBE`] a promoted thread is tried at idle priority again, so that a host that has
 //! become idle gets its fault latency back; if it is still starved it is promoted at the next
 //! looks (a probe costs at most two ticks of push).
@@ -45,6 +46,16 @@ impl Background {
 pub const TICK: Duration = Duration::from_millis(10);
 /// How long a promoted thread runs at normal priority before it is tried at idle priority again.
 pub const PROBE: Duration = Duration::from_millis(500);
+
+/// Work done for faults in this process (urgent answers received, urgent requests served):
+/// a background thread that waits while this moves yields to this process's own faults, as
+/// `SCHED_IDLE` means it to, and is not promoted.
+static URGENT_WORK: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a unit of work done for a fault (cheap enough for every frame).
+pub fn urgent_work_done() {
+    URGENT_WORK.fetch_add(1, Ordering::Relaxed);
+}
 
 /// One background thread, as its guard sees it.
 #[derive(Debug, Default)]
@@ -144,8 +155,12 @@ impl Guard {
 
     /// Looks every tick while anything is watched; ends when nothing is.
     fn run(&self) {
+        let mut urgent_seen = URGENT_WORK.load(Ordering::Relaxed);
         loop {
             std::thread::sleep(TICK);
+            let urgent_now = URGENT_WORK.load(Ordering::Relaxed);
+            let own_faults = urgent_now != urgent_seen;
+            urgent_seen = urgent_now;
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
             entries.retain(|e| {
                 e.watched
@@ -173,7 +188,7 @@ impl Guard {
                     }
                     Some(_) => {}
                     None => {
-                        e.stalled_looks = if !moved && runnable(tid) {
+                        e.stalled_looks = if !moved && !own_faults && runnable(tid) {
                             e.stalled_looks + 1
                         } else {
                             0

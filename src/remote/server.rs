@@ -990,8 +990,9 @@ impl Shared {
             }
             self.geometry
                 .check("REQUEST", h.guest_address, h.length, MAX_DATA)?;
-            if let Some(w) = watched {
-                w.tick();
+            match watched {
+                Some(w) => w.tick(),
+                None => super::priority::urgent_work_done(),
             }
             bump(&self.counters.requests, 1);
             if role == Role::Urgent || h.flags & FLAG_URGENT != 0 {
