@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -576,3 +577,44 @@ def test_process_memory_maps_are_validated() -> None:
             pw.ProcessMemory(os.getpid(), [(0, 0x10000, 2 * PAGE), (PAGE, 0x40000, PAGE)]),
             token=TOKEN,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutual TLS, spoken by an independent TLS 1.3 stack (Python's ssl, OpenSSL)
+
+
+def test_mutual_tls_with_an_independent_tls_stack(tmp_path: Path) -> None:
+    """After the preamble the stream is TLS 1.3 as RFC 8446 defines it: OpenSSL, through
+    Python's ``ssl``, completes the handshake with its client certificate and exchanges frames
+    with the server's records; a client certificate of another CA is refused and counted."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    pw.make_test_certificates(ours, days=1)
+    pw.make_test_certificates(theirs, days=1)
+    data = image(16)
+    with pw.serve(data, tls_dir=ours) as server:
+        assert server.address is not None
+        raw = socket.create_connection(server.address, timeout=SETTLE_LIMIT)
+        tls = wire.client_channel(raw, None, tls_dir=ours, server_name="127.0.0.1")
+        assert tls.version() == "TLSv1.3"  # type: ignore[attr-defined]
+        page_size, memory_size, poison = wire.client_handshake(tls, b"")
+        assert (page_size, memory_size, poison) == (PAGE, len(data), [])
+        tls.sendall(wire.frame(wire.REQUEST, 2 * PAGE, PAGE))
+        f = wire.recv_frame(tls)
+        want = bytes(data[2 * PAGE : 3 * PAGE])
+        assert (f.kind, f.guest_address, f.payload) == (DATA, 2 * PAGE, want)
+        tls.close()  # type: ignore[attr-defined]
+        # Another CA's client certificate: the TLS handshake fails, nothing is served.
+        raw = socket.create_connection(server.address, timeout=SETTLE_LIMIT)
+        bad = None
+        try:
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                bad = wire.client_channel(raw, None, tls_dir=theirs, server_name="127.0.0.1")
+                wire.client_handshake(bad, b"")
+        finally:
+            (bad or raw).close()  # type: ignore[union-attr]
+        settle(server, lambda s: s["auth_failures"] == 1)
+        # A token client (Noise) is refused with the reason.
+        raw = socket.create_connection(server.address, timeout=SETTLE_LIMIT)
+        with pytest.raises(PermissionError, match="speaks TLS"):
+            wire.client_channel(raw, TOKEN)
+        raw.close()
