@@ -338,6 +338,12 @@ def run(args: argparse.Namespace) -> int:
             except pw.PagewardenError as e:
                 error(f"cannot use the page server at {args.source}: {e.strerror or e}")
                 return 1
+            if args.insecure_no_token:
+                log.warning(
+                    "page server %s: plaintext, no authentication and no encryption "
+                    "(--insecure-no-token, loopback only; for testing)",
+                    source.address,
+                )
             log.info(
                 "page server %s: %d MiB of guest memory in %d KiB pages, %d poisoned pages",
                 source.address,
