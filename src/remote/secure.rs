@@ -227,16 +227,6 @@ impl RecordReader {
         }
     }
 
-    /// Whether records are opened (anything but plaintext).
-    pub fn protected(&self) -> bool {
-        !matches!(self.cipher, Cipher::Plain)
-    }
-
-    /// Plaintext already opened and not yet read, plus ciphertext read ahead.
-    pub fn buffered(&self) -> usize {
-        (self.stop - self.pos) + (self.end - self.start)
-    }
-
     /// Reads plaintext from `r` into `buf`, as `Read::read` does. `Ok(0)`: the stream ended
     /// cleanly at a record boundary (or, TLS, with close_notify).
     pub fn read_from(&mut self, r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
