@@ -866,9 +866,10 @@ impl Machine {
             vec![memory.clone()],
             source,
             &poison,
+            // Every page faults through the vCPU: that is what is checked.
             HandlerConfig {
-                mode: Mode::Missing,
-                prefetch: false,
+                fault_around: 0,
+                ..HandlerConfig::new(Mode::Missing, false)
             },
         )?;
         handler.start()?;

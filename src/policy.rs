@@ -468,6 +468,14 @@ impl PageSource for PolicySource {
         fds
     }
 
+    fn fault_around(&self) -> bool {
+        !self.consults.faults && self.inner.fault_around()
+    }
+
+    fn max_request(&self) -> Option<u64> {
+        self.inner.max_request()
+    }
+
     fn has_deadlines(&self) -> bool {
         self.consults.faults || self.consults.source_errors || self.inner.has_deadlines()
     }

@@ -210,7 +210,9 @@ def test_sixteen_vms_share_the_engine_and_have_metrics(uffd: None, tmp_path: Pat
         with urllib.request.urlopen(f"http://{daemon.metrics}/metrics", timeout=30) as r:
             text = r.read().decode()
         for i in range(16):
-            assert f'pagewarden_faults_total{{session="vm{i}"}} 3.0' in text
+            # Pages 0 and 1 fault; page 1 reads on from page 0, so fault-around brings page 2
+            # with it.
+            assert f'pagewarden_faults_total{{session="vm{i}"}} 2.0' in text
         go.touch()
         for i, d in enumerate(doubles):
             _, err = d.communicate(timeout=60)

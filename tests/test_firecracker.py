@@ -305,6 +305,8 @@ def test_sigterm_fences_what_is_missing_and_lets_go_of_the_guest(
         str(sock),
         str(memfile),
         "--no-prefetch",
+        "--fault-around",
+        "0",
         "--accept-timeout",
         "60",
     )

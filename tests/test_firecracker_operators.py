@@ -177,7 +177,8 @@ def test_working_set_is_recorded_then_prefetched_and_nothing_else(
     touch = ",".join(map(str, working_set))
 
     sock = tmp_path / "uffd.sock"
-    served = Served(sock, memfile, prefetch="none", record_access=True)
+    # Fault-around off: the recorded order is exactly the pages touched.
+    served = Served(sock, memfile, prefetch="none", record_access=True, fault_around=0)
     done = run_double(sock, tmp_path / "r1.json", "--sizes", str(pages), "--touch-pages", touch)
     assert done.returncode == 0, done.stderr
     served.join()
@@ -195,6 +196,7 @@ def test_working_set_is_recorded_then_prefetched_and_nothing_else(
         memfile,
         prefetch="working-set",
         prefetch_order=order,
+        fault_around=0,
         on_started=lambda h, _r: handlers.append(h),
     )
     out = tmp_path / "r2.json"
@@ -231,7 +233,8 @@ def test_cli_records_and_replays_and_the_example_command_line(uffd: None, tmp_pa
     recorded = tmp_path / "ws.json"
     touch = ",".join(str(p * PAGE) for p in (7, 8, 20))
     proc = pagewarden_process(
-        "firecracker", str(sock), str(memfile), "--prefetch", "none", "--record-access",
+        "firecracker", str(sock), str(memfile), "--prefetch", "none", "--fault-around", "0",
+        "--record-access",
         str(recorded),
     )  # fmt: skip
     assert proc.stdout is not None and proc.stdout.readline().startswith("listening on")

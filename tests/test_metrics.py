@@ -13,7 +13,9 @@ def test_collector_exports_the_stats(uffd: None) -> None:
     image = make_image(64 * PAGE, seed=71)
     mem = pw.GuestMemory.anonymous(64 * PAGE)
     registry = CollectorRegistry()
-    with pw.Handler(mem, pw.MemorySource(image), poison=pw.PoisonSet([PAGE]), prefetch=False) as h:
+    with pw.Handler(
+        mem, pw.MemorySource(image), poison=pw.PoisonSet([PAGE]), prefetch=False, fault_around=0
+    ) as h:
         pagewarden.metrics.register({"vm-a": h}, registry=registry)
         h.start()
         mem.touch(pages=[0, PAGE, 2 * PAGE, 3 * PAGE])

@@ -65,7 +65,9 @@ def test_close_fences_missing_pages(touch_first: bool) -> None:
     image = make_image(IMAGE_SIZE, 5)
     low, high = two_regions()
     poison = pw.PoisonSet(POISON_LOW + POISON_HIGH)
-    h = pw.Handler([low, high], pw.MemorySource(image), poison=poison, prefetch=False)
+    h = pw.Handler(
+        [low, high], pw.MemorySource(image), poison=poison, prefetch=False, fault_around=0
+    )
     h.start()
     served = [LOW + 0x1000, LOW + 0x2000, HIGH + 0x1000, HIGH + 0x5000]
     if touch_first:

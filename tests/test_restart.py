@@ -181,7 +181,8 @@ def test_state_dir_is_locked_and_a_mismatched_command_is_refused(
     sock = tmp_path / "uffd.sock"
     poison = tmp_path / "poison.json"
     pw.PoisonSet([]).save(poison)
-    first = _handler(sock, memfile, state_dir, poison, "--prefetch", "none")
+    # Fault-around off: exactly the two touched pages are in when the guest is given up.
+    first = _handler(sock, memfile, state_dir, poison, "--prefetch", "none", "--fault-around", "0")
     go = tmp_path / "go"
     double = start_double(
         str(sock),
@@ -242,7 +243,8 @@ def test_a_vmm_that_closes_its_uffd_needs_the_keeper(
     poison = tmp_path / "poison.json"
     pw.PoisonSet([]).save(poison)
     sock, state, out, go = (tmp_path / n for n in ("uffd.sock", "state", "out.json", "go"))
-    extra = ["--prefetch", "none", *(["--keeper"] if keeper else [])]
+    # Fault-around off: pages past the four touched stay missing, to show what they read.
+    extra = ["--prefetch", "none", "--fault-around", "0", *(["--keeper"] if keeper else [])]
     first = _handler(sock, memfile, state, poison, *extra)
     double = start_double(
         str(sock),

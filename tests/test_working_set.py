@@ -27,6 +27,7 @@ def test_record_then_replay(uffd: None, tmp_path: Path) -> None:
         poison=pw.PoisonSet(poisoned),
         prefetch=False,
         record_access=True,
+        fault_around=0,
     ) as h:
         h.start()
         verify(mem, mem.touch(pages=working_set), image, poisoned, touched=working_set)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pagewarden import _logbridge
 from pagewarden._native import (
+    DEFAULT_FAULT_AROUND,
     ConfigurationError,
     Engine,
     FileSource,
@@ -41,6 +42,7 @@ from pagewarden.policy import Action, Event, Fault, Policy
 
 __all__ = [
     "Action",
+    "DEFAULT_FAULT_AROUND",
     "ConfigurationError",
     "Engine",
     "Event",

@@ -12,6 +12,8 @@ from typing_extensions import Buffer
 from pagewarden.policy import Policy
 
 __version__: str
+DEFAULT_FAULT_AROUND: int
+"""The largest fault-around window a Handler uses unless told otherwise (bytes)."""
 __all__ = [
     "ConfigurationError",
     "Engine",
@@ -347,6 +349,7 @@ class Handler:
         progress_interval: float = 1.0,
         resumed: bool = False,
         removed_journal: str | PathLike[str] | None = None,
+        fault_around: int = 1048576,
     ) -> Self: ...
     def _policy_failed(self, exc: BaseException) -> None:
         """Records the first exception a policy callback raised (for the dispatcher)."""

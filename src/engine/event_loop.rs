@@ -13,6 +13,7 @@ use std::time::Instant;
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 
+use super::readahead::Readahead;
 use super::{Mode, Region, Shared, Stats};
 use crate::error::{Error, Result};
 use crate::pagestate::PageState;
@@ -41,6 +42,9 @@ struct PendingFault {
     flags: u64,
     thread_id: u32,
     started: Instant,
+    /// Fault-around: the page's fill runs on over the pages after it that are still missing, up
+    /// to this page (exclusive); 0 or `index + 1` for none.
+    ahead_to: usize,
 }
 
 impl PendingFault {
@@ -117,6 +121,8 @@ pub(crate) struct EventLoop {
     /// The background stream moved to where the guest faulted (`follow`): pages it skipped
     /// are swept up by one more pass from the start when it reaches the end.
     rewind: bool,
+    /// Fault-around windows, when the source takes them (`None`: off).
+    readahead: Option<Readahead>,
 }
 
 impl EventLoop {
@@ -127,6 +133,11 @@ impl EventLoop {
         // A prefetch order is worked through even without full prefetch: that is a working-set
         // restore (the recorded pages first, the rest only when the guest touches them).
         let prefetching = (sh.config.prefetch || !plan.is_empty()) && !failed;
+        let window = sh
+            .config
+            .fault_around
+            .min(sh.source.max_request().unwrap_or(u64::MAX));
+        let readahead = (window > 0 && sh.source.fault_around()).then(|| Readahead::new(window));
         Self {
             sh,
             messages: [UffdMsg::default(); MESSAGE_BATCH],
@@ -145,6 +156,7 @@ impl EventLoop {
             background_async: false,
             last_faults: 0,
             rewind: false,
+            readahead,
         }
     }
 
@@ -333,12 +345,20 @@ impl EventLoop {
             let _ = self.sh.uffd.poison(page, 4096, true);
             return;
         };
+        let ahead_to = match self.readahead.as_mut() {
+            Some(ra) => {
+                let r = &self.sh.regions[region];
+                ra.on_fault(region, index, r.page_size, r.states.len())
+            }
+            None => 0,
+        };
         self.resolve(PendingFault {
             region,
             index,
             flags,
             thread_id,
             started,
+            ahead_to,
         });
         self.follow(region, index);
     }
@@ -418,34 +438,53 @@ impl EventLoop {
             }
             PageState::Missing => match region.states.claim(fault.index) {
                 Ok(prev) => {
+                    // Fault-around: the pages after it that are still missing come with it,
+                    // in one request and one ranged ioctl.
+                    let mut n = 1;
+                    while fault.index + n < fault.ahead_to
+                        && region.states.transition_from(
+                            fault.index + n,
+                            PageState::Missing,
+                            PageState::InFlight,
+                        )
+                    {
+                        n += 1;
+                    }
                     let gpa = region.guest_address_of_page(fault.index);
-                    let fill = match sh.source.fetch(gpa, region.page_size, fault.want()) {
+                    let release = |to: PageState| {
+                        region
+                            .states
+                            .transition_from(fault.index, PageState::InFlight, to);
+                        for k in fault.index + 1..fault.index + n {
+                            let to = if to == prev { PageState::Missing } else { to };
+                            region.states.transition_from(k, PageState::InFlight, to);
+                        }
+                    };
+                    let len = n as u64 * region.page_size;
+                    let fill = match sh.source.fetch(gpa, len, fault.want()) {
                         Ok(PageData::Address(a)) => Fill::Source(a),
                         Ok(PageData::Zero) => Fill::Zero,
                         Ok(PageData::Pending) => {
-                            region.states.transition_from(
-                                fault.index,
-                                PageState::InFlight,
-                                PageState::Urgent,
-                            );
+                            release(PageState::Urgent);
+                            Stats::add(&sh.stats.pages_faulted_around, n as u64 - 1);
                             return Ok(Outcome::Parked);
                         }
                         Ok(PageData::Busy) => {
-                            region
-                                .states
-                                .transition_from(fault.index, PageState::InFlight, prev);
+                            release(prev);
                             return Ok(Outcome::Again);
                         }
                         Err(e) => {
-                            region
-                                .states
-                                .transition_from(fault.index, PageState::InFlight, prev);
+                            release(prev);
                             return Err(e);
                         }
                     };
-                    let outcome = self.fill_run(fault.region, fault.index, 1, fill, prev, false)?;
+                    let outcome = self.fill_run(fault.region, fault.index, n, fill, prev, false)?;
                     if outcome == Outcome::Done && prev == PageState::Missing {
-                        self.log_access(gpa);
+                        Stats::add(&sh.stats.pages_faulted_around, n as u64 - 1);
+                        // The window is logged with its fault: pages the guest reads on into.
+                        for k in 0..n as u64 {
+                            self.log_access(gpa + k * region.page_size);
+                        }
                     }
                     Ok(outcome)
                 }
@@ -1003,6 +1042,7 @@ impl EventLoop {
                                 flags,
                                 thread_id,
                                 started: now,
+                                ahead_to: 0,
                             });
                         } else {
                             self.fault(flags, address, thread_id, now);

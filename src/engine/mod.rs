@@ -3,6 +3,7 @@
 //! touches Python; the bindings only start, query and stop it.
 
 pub mod event_loop;
+pub mod readahead;
 pub mod stats;
 pub mod worker;
 
@@ -65,6 +66,21 @@ pub struct HandlerConfig {
     pub mode: Mode,
     /// Whether to bring in every page in the background.
     pub prefetch: bool,
+    /// Fault-around: the largest window, in bytes, brought in with a fault that continues a
+    /// sequential (or short-strided) run of faults; 0 turns it off. See [`readahead`].
+    pub fault_around: u64,
+}
+
+impl HandlerConfig {
+    /// `mode` and `prefetch` with the default fault-around window
+    /// ([`readahead::DEFAULT_FAULT_AROUND`]).
+    pub fn new(mode: Mode, prefetch: bool) -> Self {
+        Self {
+            mode,
+            prefetch,
+            fault_around: readahead::DEFAULT_FAULT_AROUND,
+        }
+    }
 }
 
 /// One registered guest memory range and the states of its pages.

@@ -85,6 +85,8 @@ counters! {
     pages_prefetched,
     /// Of those, pages brought in by the prefetch order given (a recorded working set).
     pages_prefetched_planned,
+    /// Pages brought in with a fault by fault-around (beyond the faulting page itself).
+    pages_faulted_around,
     /// Times the background stream moved to where the guest faulted (follow the guest).
     prefetch_jumps,
     /// Resolutions that found the page already mapped (EEXIST), then woke the range.

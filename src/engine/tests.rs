@@ -59,10 +59,7 @@ pub(crate) fn handler_over(
         vec![memory.clone()],
         source,
         &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Missing,
-            prefetch,
-        },
+        HandlerConfig::new(Mode::Missing, prefetch),
     )
     .unwrap()
 }
@@ -76,7 +73,7 @@ fn run(mode: Mode, prefetch: bool, memory: GuestMemory, source_bytes: &[u8], poi
         vec![memory.clone()],
         source,
         &poison,
-        HandlerConfig { mode, prefetch },
+        HandlerConfig::new(mode, prefetch),
     )
     .unwrap();
     handler.start().unwrap();
@@ -148,10 +145,7 @@ fn minor_mode_refuses_anonymous_memory() {
         vec![memory.clone()],
         Arc::new(ZeroSource),
         &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Minor,
-            prefetch: false,
-        },
+        HandlerConfig::new(Mode::Minor, false),
     )
     .err()
     .expect("refused");
@@ -161,10 +155,7 @@ fn minor_mode_refuses_anonymous_memory() {
         vec![memory],
         Arc::new(ZeroSource),
         &PoisonSet::new(4096).unwrap(),
-        HandlerConfig {
-            mode: Mode::Missing,
-            prefetch: true,
-        },
+        HandlerConfig::new(Mode::Missing, true),
     )
     .unwrap();
     h.start().unwrap();
@@ -214,10 +205,7 @@ fn access_log_records_first_faults_and_replays_as_prefetch_order() {
     let bytes = image((pages * 4096) as usize, 4);
     let working_set = [40u64, 3, 17, 63, 8].map(|p| p * 4096);
     let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
-    let config = HandlerConfig {
-        mode: Mode::Missing,
-        prefetch: false,
-    };
+    let config = HandlerConfig::new(Mode::Missing, false);
     let h = Handler::new(
         vec![memory.clone()],
         Arc::new(MemorySource::from_vec(bytes.clone())),
@@ -273,8 +261,18 @@ fn access_log_records_first_faults_and_replays_as_prefetch_order() {
 
     // A working-set restore: without full prefetch, the order alone is prefetched and every
     // other page waits for its fault.
+    // Fault-around off: every page outside the working set is counted as its own fault.
     let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
-    let h = missing_mode_handler(&memory, &bytes, false);
+    let h = Handler::new(
+        vec![memory.clone()],
+        Arc::new(MemorySource::from_vec(bytes.to_vec())),
+        &PoisonSet::new(4096).unwrap(),
+        HandlerConfig {
+            fault_around: 0,
+            ..HandlerConfig::new(Mode::Missing, false)
+        },
+    )
+    .unwrap();
     h.set_prefetch_order(&ranges).unwrap();
     h.start().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -388,9 +386,10 @@ fn a_detached_handler_leaves_the_guest_to_a_resumed_successor() {
     let remote = || vmm.remote();
     let handed = |resumed| vmm.hand_over(resumed);
     let poison = PoisonSet::from_addresses([5 * ps], ps).unwrap();
+    // Fault-around off: exactly the touched pages are present.
     let config = HandlerConfig {
-        mode: Mode::Missing,
-        prefetch: false,
+        fault_around: 0,
+        ..HandlerConfig::new(Mode::Missing, false)
     };
     let dir = std::env::temp_dir().join(format!("pw-detach-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -465,9 +464,10 @@ fn closing_a_resumed_handler_fences_every_missing_page_past_thousands_present() 
     let local = vmm.local.clone();
     let handed = |resumed| vmm.hand_over(resumed);
     let remote = || vmm.remote();
+    // Fault-around off: exactly the 2500 touched pages are present.
     let config = HandlerConfig {
-        mode: Mode::Missing,
-        prefetch: false,
+        fault_around: 0,
+        ..HandlerConfig::new(Mode::Missing, false)
     };
     let source = Arc::new(MemorySource::from_vec(bytes.clone()));
     let empty = PoisonSet::new(ps).unwrap();
@@ -592,4 +592,84 @@ fn the_background_stream_follows_the_guest_and_sweeps_up_what_it_skipped() {
     assert_eq!(h.stats().faults, stats.faults, "the second pass faulted");
     h.close();
     assert!(h.failure().is_none());
+}
+
+/// A handler over `bytes` with `poisoned` pages and the default fault-around, no prefetch.
+fn fault_around_handler(memory: &Arc<GuestMemory>, bytes: &[u8], poisoned: &[u64]) -> Handler {
+    let poison = PoisonSet::from_addresses(poisoned.iter().copied(), 4096).unwrap();
+    Handler::new(
+        vec![memory.clone()],
+        Arc::new(MemorySource::from_vec(bytes.to_vec())),
+        &poison,
+        HandlerConfig::new(Mode::Missing, false),
+    )
+    .unwrap()
+}
+
+#[test]
+fn fault_around_follows_a_sequential_reader_and_never_crosses_poison() {
+    if !uffd_usable() {
+        return;
+    }
+    let pages = 2048u64;
+    let bytes = image(pages as usize * 4096, 11);
+    let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
+    // Poison right where a grown window would run over it.
+    let poisoned = [700 * 4096, 701 * 4096, 1500 * 4096];
+    let h = fault_around_handler(&memory, &bytes, &poisoned);
+    h.start().unwrap();
+    let report = touch(&memory, None, 1, TouchOrder::Sequential, TouchVia::Load).unwrap();
+    for (gpa, outcome) in report.outcomes {
+        if poisoned.contains(&gpa) {
+            assert!(
+                matches!(outcome, PageOutcome::Sigbus { .. }),
+                "page {gpa:#x}: {outcome:?}"
+            );
+        } else {
+            let want = checksum(&bytes[gpa as usize..(gpa + 4096) as usize]);
+            assert_eq!(outcome, PageOutcome::Data(want), "page {gpa:#x}");
+        }
+    }
+    let stats = h.stats();
+    // Windows of up to 256 pages: a few dozen faults, not 2048 (each poisoned page faults
+    // on its own, and restarts the window after it).
+    assert!(stats.faults < pages / 20, "{} faults", stats.faults);
+    assert_eq!(
+        stats.pages_copied,
+        pages - poisoned.len() as u64,
+        "every page but the poisoned ones copied once"
+    );
+    assert!(stats.pages_faulted_around > pages / 2, "{stats:?}");
+    h.close();
+}
+
+#[test]
+fn fault_around_leaves_a_random_reader_alone() {
+    if !uffd_usable() {
+        return;
+    }
+    let pages = 4096u64;
+    let bytes = image(pages as usize * 4096, 12);
+    let memory = Arc::new(GuestMemory::anonymous(pages * 4096, 0).unwrap());
+    let h = fault_around_handler(&memory, &bytes, &[]);
+    h.start().unwrap();
+    // Every 8th page, in random order: nothing else may be brought in.
+    let touched: Vec<u64> = (0..pages).step_by(8).map(|p| p * 4096).collect();
+    let report = touch(
+        &memory,
+        Some(touched.clone()),
+        1,
+        TouchOrder::Random(5),
+        TouchVia::Load,
+    )
+    .unwrap();
+    for (gpa, outcome) in report.outcomes {
+        let want = checksum(&bytes[gpa as usize..(gpa + 4096) as usize]);
+        assert_eq!(outcome, PageOutcome::Data(want), "page {gpa:#x}");
+    }
+    let stats = h.stats();
+    assert_eq!(stats.pages_faulted_around, 0);
+    assert_eq!(stats.pages_copied, touched.len() as u64);
+    assert_eq!(stats.faults, touched.len() as u64);
+    h.close();
 }

@@ -185,6 +185,12 @@ fn memories_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Arc<CoreMemory>>> {
 /// a recorded `access_log()`) is brought in before anything else; with `prefetch=False` it is
 /// the only thing prefetched: a working-set restore.
 ///
+/// `fault_around` (bytes, default 1 MiB; 0 turns it off): a fault that continues a sequential
+/// or short-strided run of faults brings in the missing pages after it too, in a window that
+/// starts at 64 KiB and doubles up to this while the guest reads on (as the kernel's readahead
+/// does); a random fault brings in its page alone. Off while a policy decides faults (`on_fault`
+/// sees every fault).
+///
 /// `uffd` is a userfaultfd another program (a VMM) registered over `memory`; with `resumed`,
 /// one that an earlier handler served (taken back after it died: poison may already be
 /// installed and pages present). `removed_journal` keeps the pages the guest removed (balloon)
@@ -363,7 +369,7 @@ impl Handler {
     /// until `start()`.
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None, policy = None, policy_timeout = 0.05, progress_interval = 1.0, resumed = false, removed_journal = None))]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None, policy = None, policy_timeout = 0.05, progress_interval = 1.0, resumed = false, removed_journal = None, fault_around = crate::engine::readahead::DEFAULT_FAULT_AROUND))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
@@ -381,6 +387,7 @@ impl Handler {
         progress_interval: f64,
         resumed: bool,
         removed_journal: Option<PathBuf>,
+        fault_around: u64,
     ) -> PyResult<Self> {
         let mut order = prefetch_order.map(ranges_of).transpose()?;
         let uffd = match uffd {
@@ -457,7 +464,10 @@ impl Handler {
             )
             .py_err()?,
         };
-        let config = HandlerConfig { mode, prefetch };
+        let config = HandlerConfig {
+            fault_around,
+            ..HandlerConfig::new(mode, prefetch)
+        };
         let inner = py
             .detach(move || {
                 CoreHandler::with_uffd(

@@ -132,5 +132,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kvm::register(m)?;
     serve::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add(
+        "DEFAULT_FAULT_AROUND",
+        crate::engine::readahead::DEFAULT_FAULT_AROUND,
+    )?;
     Ok(())
 }

@@ -1056,6 +1056,10 @@ impl PageSource for RemoteSource {
         Some(self.inner.geometry.page_size)
     }
 
+    fn max_request(&self) -> Option<u64> {
+        Some(MAX_DATA)
+    }
+
     fn known_poison(&self) -> Vec<(u64, u64)> {
         self.poison.clone()
     }

@@ -159,6 +159,16 @@ pub trait PageSource: Send + Sync {
     fn known_poison(&self) -> Vec<(u64, u64)> {
         Vec::new()
     }
+    /// False if every fault must reach the source as one page (a policy deciding per fault):
+    /// then the handler does no fault-around.
+    fn fault_around(&self) -> bool {
+        true
+    }
+    /// The most bytes one request may ask for, if the source has a limit (a fault-around
+    /// window is never larger).
+    fn max_request(&self) -> Option<u64> {
+        None
+    }
 }
 
 fn out_of_range(name: String, guest_address: u64, len: u64, size: u64) -> Error {

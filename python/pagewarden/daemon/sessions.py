@@ -99,6 +99,8 @@ class SessionSpec:
     """``all``, ``none`` or ``working-set``."""
     prefetch_order: str | None = None
     """A recorded access order (file path)."""
+    fault_around: int = pw.DEFAULT_FAULT_AROUND
+    """The largest fault-around window in bytes (0: off), as ``firecracker --fault-around``."""
     source: str | None = None
     """A page server ``host:port`` serving the memory file."""
     token_file: str | None = None
@@ -152,6 +154,11 @@ class SessionSpec:
             )
         except (pw.ConfigurationError, AttributeError, TypeError) as e:
             raise SessionError(400, str(getattr(e, "strerror", None) or e)) from None
+        window = body.get("fault_around", pw.DEFAULT_FAULT_AROUND)
+        if not isinstance(window, int) or isinstance(window, bool) or window < 0:
+            raise SessionError(
+                400, f"field `fault_around` must be a size in bytes (0: off), not {window!r}"
+            )
         uids = body.get("allow_uids")
         if uids is not None and (
             not isinstance(uids, list)
@@ -469,6 +476,7 @@ class SessionManager:
             layout=spec.layout,
             prefetch=spec.prefetch,  # type: ignore[arg-type]  # checked by SessionSpec
             prefetch_order=order,
+            fault_around=spec.fault_around,
             kill_peer_on_error=spec.kill_peer,
             state=state,
             engine=self.engine,

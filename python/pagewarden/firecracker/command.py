@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import pagewarden as pw
 from pagewarden import poison_tools
+from pagewarden.demo import parse_size
 from pagewarden.firecracker import access_order
 from pagewarden.firecracker.handshake import SocketAccess, parse_mode, parse_owner
 from pagewarden.firecracker.layout import (
@@ -86,6 +87,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_const",
         const="none",
         help="the same as --prefetch none",
+    )
+    g.add_argument(
+        "--fault-around",
+        type=parse_size,
+        default=pw.DEFAULT_FAULT_AROUND,
+        metavar="SIZE",
+        help="a fault that continues a sequential read brings in the pages after it too, in a "
+        "window that doubles from 64K up to SIZE while the guest reads on; 0 turns it off "
+        f"(default {pw.DEFAULT_FAULT_AROUND >> 20}M)",
     )
     g.add_argument(
         "--prefetch-order",
@@ -370,6 +380,7 @@ def run(args: argparse.Namespace) -> int:
                 prefetch=args.prefetch,
                 prefetch_order=order,
                 record_access=args.record_access is not None,
+                fault_around=args.fault_around,
                 kill_peer_on_error=args.kill_peer,
                 poison_journal=args.poison_journal,
                 state_dir=args.state_dir,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pagewarden as pw
+from pagewarden import DEFAULT_FAULT_AROUND
 from pagewarden.firecracker import session
 from pagewarden.firecracker.failstop import PeerGuard, wake
 from pagewarden.firecracker.handshake import (
@@ -159,6 +160,7 @@ def serve(
     record_access: bool = False,
     state_dir: str | os.PathLike[str] | None = None,
     keeper: bool = False,
+    fault_around: int = DEFAULT_FAULT_AROUND,
 ) -> ServeResult:
     """Serves one Firecracker restore: listens on ``socket_path``, takes the handshake, serves
     every fault from ``memfile`` (poisoned pages with UFFDIO_POISON), handles balloon REMOVE
@@ -171,7 +173,9 @@ def serve(
     ``"all"`` (or True: every page in the background), ``"none"`` (or False: on demand), or
     ``"working-set"`` (only ``prefetch_order``, the pages an earlier restore recorded with
     ``record_access``; the rest on demand). ``prefetch_order`` is brought in first in every mode
-    that prefetches. ``access`` sets the socket's owner, mode and allowed peer uids.
+    that prefetches. ``fault_around`` is the Handler's (bytes, 0 for off): a guest reading on
+    from a fault gets the pages after it with it, in a window that grows while it reads on.
+    ``access`` sets the socket's owner, mode and allowed peer uids.
 
     With ``source`` (a connected ``pw.RemoteSource``, which the caller closes), pages come from
     a page server that serves the memory file instead, ``memfile`` is None (or ``"-"``), every
@@ -213,6 +217,7 @@ def serve(
         on_started=on_started,
         state=state,
         keeper=keeper,
+        fault_around=fault_around,
     )
     if state is not None:
         state.lock()
@@ -244,6 +249,7 @@ def prepare(
     engine: pw.Engine | None = None,
     handshake_timeout: float = 10.0,
     journal_in_state: bool = True,
+    fault_around: int = DEFAULT_FAULT_AROUND,
 ) -> tuple[_Common, GuestLayout | None]:
     """Everything about one restore that can be checked before Firecracker connects (the
     memory, the poison and its translation, the prefetch order): raises ConfigurationError or
@@ -279,6 +285,7 @@ def prepare(
         keeper,
         engine,
         handshake_timeout,
+        fault_around,
     )
     return common, translated
 
@@ -322,6 +329,7 @@ class _Common:
     keeper: bool
     engine: pw.Engine | None
     handshake_timeout: float
+    fault_around: int = DEFAULT_FAULT_AROUND
 
     def handler(
         self, guard: PeerGuard, regions: list[GuestRegionMapping], uffd: int, resumed: bool
@@ -342,6 +350,7 @@ class _Common:
             resumed=resumed,
             removed_journal=None if self.state is None else self.state.removed_journal,
             engine=self.engine,
+            fault_around=self.fault_around,
         )
 
     def memfile_path(self) -> str | None:
