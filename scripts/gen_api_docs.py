@@ -360,7 +360,8 @@ def module_names(module: types.ModuleType) -> list[str]:
 
 def document_package(w: Writer) -> None:
     functions, classes = load_stubs()
-    names = sorted(set(pagewarden.__all__) - {"__version__"})
+    constants = {"DEFAULT_FAULT_AROUND"}
+    names = sorted(set(pagewarden.__all__) - {"__version__"} - constants)
     objects = {name: getattr(pagewarden, name) for name in names}
     exceptions = [
         n for n in names if isinstance(objects[n], type) and issubclass(objects[n], BaseException)
@@ -375,6 +376,8 @@ def document_package(w: Writer) -> None:
     w.para(docstring(pagewarden))
     w.para(
         "`pagewarden.__version__` is the package version (also `pagewarden --version`). "
+        f"`pagewarden.DEFAULT_FAULT_AROUND` ({pagewarden.DEFAULT_FAULT_AROUND}) is the largest "
+        "fault-around window in bytes a `Handler` uses unless told otherwise. "
         "Every name below is importable from `pagewarden`."
     )
     w.heading(2, "Functions")

@@ -41,8 +41,8 @@ from pagewarden._native import (
 from pagewarden.policy import Action, Event, Fault, Policy
 
 __all__ = [
-    "Action",
     "DEFAULT_FAULT_AROUND",
+    "Action",
     "ConfigurationError",
     "Engine",
     "Event",

@@ -15,6 +15,7 @@ __version__: str
 DEFAULT_FAULT_AROUND: int
 """The largest fault-around window a Handler uses unless told otherwise (bytes)."""
 __all__ = [
+    "DEFAULT_FAULT_AROUND",
     "ConfigurationError",
     "Engine",
     "FileSource",

@@ -486,6 +486,8 @@ def prepare_pagewarden(
         poison=_all_poisoned(size) if kind == "poison" else None,
         mode="minor" if kind == "continue" else "missing",
         prefetch=False,
+        # Every page its own fault, as for the other contenders: the cost of one fault.
+        fault_around=0,
     )
     prepared = Prepared("pagewarden", kind, pages, memory, handler)
     try:
@@ -721,6 +723,28 @@ def prefetch_gib_s(source: mmap.mmap) -> float:
     rewrite_pattern(source)
     elapsed = timed_prefetch(pw.GuestMemory.anonymous(size), pw.MemorySource(source), 120)
     return size / elapsed / GIB
+
+
+def on_demand_reader_gib_s(source: mmap.mmap, fault_around: int, cpu: int) -> tuple[float, int]:
+    """A guest thread reading a whole anonymous region in order, on demand (no prefetch) from a
+    MemorySource, with the handler's ``fault_around`` window: (GiB/s of the reader, faults)."""
+    size = len(source)
+    rewrite_pattern(source)
+    memory = pw.GuestMemory.anonymous(size)
+    handler = pw.Handler(memory, pw.MemorySource(source), prefetch=False, fault_around=fault_around)
+    try:
+        handler.start()
+        t0 = time.perf_counter()
+        _, _, sigbus = _native._bench_touch_pages(
+            memory, list(range(size // PAGE_4K)), max_seconds=120.0, cpu=cpu
+        )
+        elapsed = time.perf_counter() - t0
+        if sigbus:
+            raise BenchError(2, f"{sigbus} reads of healthy pages raised SIGBUS")
+        faults = int(handler.stats()["faults"])
+    finally:
+        handler.close()
+    return size / elapsed / GIB, faults
 
 
 PREPOISON_PATTERNS: dict[str, tuple[int, int]] = {
@@ -1022,6 +1046,24 @@ def run_bulk(config: Config, binary: Path, report: Report) -> None:
         out = run_c_json(binary, "memcpy", size)
         fresh.append(size / (out["fresh_ns"] / 1e9) / GIB)
         warm.append(size / (out["prefaulted_ns"] / 1e9) / GIB)
+    # Fault-around: the same copy done by a sequential reader's faults, window by window, against
+    # one fault per page and against the background prefetch above.
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    around: dict[str, list[tuple[float, int]]] = {"per page": [], "fault-around": []}
+    for rep in range(config.repetitions):
+        _log(f"on-demand sequential reader: repetition {rep + 1}/{config.repetitions}")
+        for name in list(around)[rep % 2 :] + list(around)[: rep % 2]:
+            window = 0 if name == "per page" else pw.DEFAULT_FAULT_AROUND
+            around[name].append(on_demand_reader_gib_s(source, window, cpu))
+    report.bulk["fault_around"] = {
+        name: {
+            "gib_s": statistics.median(r[0] for r in runs),
+            "faults": statistics.median(r[1] for r in runs),
+            "runs": [r[0] for r in runs],
+        }
+        for name, runs in around.items()
+    }
+    report.bulk["fault_around_window"] = pw.DEFAULT_FAULT_AROUND
     del source
     report.bulk["prefetch"] = {
         "bytes": size,
@@ -1451,6 +1493,19 @@ def evaluate_targets(report: Report) -> None:
     if pre:
         r = pre["pagewarden_gib_s"] / pre["uffdio_copy_bound_gib_s"]
         _target(report, "prefetch / UFFDIO_COPY bound", r, ">= 0.8", r >= 0.8)
+    around = report.bulk.get("fault_around")
+    if around and pre:
+        fa = around["fault-around"]
+        r = fa["gib_s"] / pre["pagewarden_gib_s"]
+        _target(
+            report,
+            "on-demand sequential reader with fault-around / prefetch",
+            r,
+            ">= 0.67",
+            r >= 0.67,
+            f"{fa['gib_s']:.2f} vs {pre['pagewarden_gib_s']:.2f} GiB/s; one fault per page: "
+            f"{around['per page']['gib_s']:.2f} GiB/s",
+        )
     for name, p in report.bulk.get("prepoison", {}).items():
         rate = p["pagewarden_pages_per_s"]
         _target(
@@ -1759,6 +1814,25 @@ def render(report: Report) -> str:
                 _ratio(pre["memcpy_prefaulted_gib_s"], bound),
             ],
         ]
+        around = report.bulk.get("fault_around")
+        if around:
+            window = report.bulk.get("fault_around_window", 0) >> 10
+            pages = pre["bytes"] // PAGE_4K
+            for name, label in (
+                (
+                    "fault-around",
+                    f"pagewarden on demand, sequential reader, fault-around {window} KiB",
+                ),
+                ("per page", "pagewarden on demand, sequential reader, one fault per page"),
+            ):
+                x = around[name]
+                rows.append(
+                    [
+                        f"{label} ({100 * x['faults'] / pages:.1f}% of pages fault)",
+                        f"{x['gib_s']:.2f}",
+                        _ratio(x["gib_s"], bound),
+                    ]
+                )
         out.append(format_table(rows, ["what", "GiB/s", "vs bound"]))
     prepoison = report.bulk.get("prepoison")
     if prepoison:

@@ -195,6 +195,9 @@ fn memories_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<Arc<CoreMemory>>> {
 /// one that an earlier handler served (taken back after it died: poison may already be
 /// installed and pages present). `removed_journal` keeps the pages the guest removed (balloon)
 /// in a file, for such a successor: the ranges it holds are treated as removed.
+// The Python signature's default is written out (a constant would show as `...`).
+const _: () = assert!(crate::engine::readahead::DEFAULT_FAULT_AROUND == 1048576);
+
 #[pyclass(frozen, weakref, module = "pagewarden._native")]
 pub struct Handler {
     inner: CoreHandler,
@@ -369,7 +372,7 @@ impl Handler {
     /// until `start()`.
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python signature
-    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None, policy = None, policy_timeout = 0.05, progress_interval = 1.0, resumed = false, removed_journal = None, fault_around = crate::engine::readahead::DEFAULT_FAULT_AROUND))]
+    #[pyo3(signature = (memory, source, poison = None, mode = "missing", prefetch = true, poison_journal = None, uffd = None, prefetch_order = None, record_access = false, engine = None, policy = None, policy_timeout = 0.05, progress_interval = 1.0, resumed = false, removed_journal = None, fault_around = 1048576))]
     fn new(
         py: Python<'_>,
         memory: &Bound<'_, PyAny>,
