@@ -376,6 +376,7 @@ impl PolicySource {
         let want = Want::Fault {
             write: false,
             thread_id: 0,
+            sequential: false,
         };
         match self.inner.fetch(t.guest_address, t.len, want) {
             Ok(PageData::Address(address)) => sink(Completion::Address {
@@ -446,7 +447,9 @@ impl PageSource for PolicySource {
 
     fn fetch(&self, guest_address: u64, len: u64, want: Want) -> Result<PageData> {
         match want {
-            Want::Fault { write, thread_id } if self.consults.faults && !self.hub.is_stopped() => {
+            Want::Fault {
+                write, thread_id, ..
+            } if self.consults.faults && !self.hub.is_stopped() => {
                 let ticket = self.ticket(guest_address, len, TicketKind::Fault);
                 self.hub.stats.policy_faults.fetch_add(1, Ordering::Relaxed);
                 self.hub.post(Work::Fault {

@@ -56,6 +56,7 @@ impl PendingFault {
         Want::Fault {
             write: self.flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
             thread_id: self.thread_id,
+            sequential: self.ahead_to > self.index + 1,
         }
     }
 }
@@ -352,6 +353,8 @@ impl EventLoop {
             }
             None => 0,
         };
+        // A page the background stream has asked for already: the stream is here.
+        let streamed = self.sh.regions[region].states.get(index) == PageState::Requested;
         self.resolve(PendingFault {
             region,
             index,
@@ -360,7 +363,9 @@ impl EventLoop {
             started,
             ahead_to,
         });
-        self.follow(region, index);
+        if !streamed {
+            self.follow(region, index);
+        }
     }
 
     /// Moves the background stream to the page after a fault, as QEMU's source continues from

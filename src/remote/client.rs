@@ -174,6 +174,25 @@ struct Answer {
     urgent_since: Option<Instant>,
     /// Bytes of a DATA answer already applied (a large background answer goes in pieces).
     applied: usize,
+    /// A fault waits on a page of it: the rest goes in at once (the guest reads on into it).
+    waited: bool,
+}
+
+impl Answer {
+    /// True if the part of this answer not yet applied holds `[guest_address, +len)`.
+    fn holds(&self, guest_address: u64, len: u64) -> bool {
+        let (start, end) = match &self.kind {
+            AnswerKind::Data(buf) => (
+                self.guest_address + self.applied as u64,
+                self.guest_address + buf.len() as u64,
+            ),
+            AnswerKind::Zero(n) | AnswerKind::Poison(n) => {
+                (self.guest_address, self.guest_address + n)
+            }
+            AnswerKind::Failed(..) => return false,
+        };
+        start <= guest_address && guest_address + len <= end
+    }
 }
 
 #[derive(Default)]
@@ -534,6 +553,7 @@ impl Inner {
                 kind: AnswerKind::Poison(l),
                 urgent_since: None,
                 applied: 0,
+                waited: false,
             });
         }
         self.stats.connected.store(1, Ordering::Relaxed);
@@ -716,6 +736,7 @@ impl Inner {
             kind: AnswerKind::Failed(0, error),
             urgent_since: None,
             applied: 0,
+            waited: false,
         });
     }
 
@@ -890,6 +911,7 @@ impl Inner {
                     kind,
                     urgent_since,
                     applied: 0,
+                    waited: false,
                 },
                 urgent,
             );
@@ -920,6 +942,7 @@ impl PageSource for RemoteSource {
             Want::Fault {
                 write: false,
                 thread_id: 0,
+                sequential: false,
             },
         )
     }
@@ -950,16 +973,46 @@ impl PageSource for RemoteSource {
         } else if role == Role::Urgent {
             // A fault on a page the background stream is answering right now (a guest reading
             // right behind the push): its answer is the next to arrive, so wait for it instead
-            // of asking again; an urgent request would only send the page twice.
+            // of asking again; an urgent request would only send the page twice. A sequential
+            // reader waits for any background request in flight that holds its page: the
+            // stream brings its pages in order, and asking again would only slow the stream it
+            // reads behind.
+            let sequential = matches!(
+                want,
+                Want::Fault {
+                    sequential: true,
+                    ..
+                }
+            );
+            // Received already and waiting for the loop to apply it (a guest reading right
+            // behind the push on a busy host, where the loop applies in bursts): the loop's
+            // next drain brings it in.
+            let received = lock(&inner.answers)
+                .iter_mut()
+                .find(|a| a.holds(guest_address, len))
+                .map(|a| a.waited = true)
+                .is_some();
+            if received {
+                inner
+                    .stats
+                    .faults_joined_background
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(PageData::Pending);
+            }
             let bulk = &mut channels.ch[Role::Bulk as usize];
             if bulk.stream.is_some() {
-                if let Some(r) = bulk.requests.front_mut() {
+                let head = bulk.requests.front().map(|r| r.guest_address + r.done);
+                let holder = bulk.requests.iter_mut().find(|r| {
                     let unanswered = r.guest_address + r.done..r.guest_address + r.len;
-                    if unanswered.contains(&guest_address)
-                        && guest_address + len <= unanswered.end
-                        && guest_address - unanswered.start < JOIN_AHEAD
-                    {
+                    unanswered.contains(&guest_address) && guest_address + len <= unanswered.end
+                });
+                if let Some(r) = holder {
+                    let near = head.is_some_and(|h| {
+                        r.guest_address + r.done == h && guest_address - h < JOIN_AHEAD
+                    });
+                    if sequential || near {
                         r.waited.get_or_insert((guest_address, Instant::now()));
+                        super::priority::hurry(&inner.bulk_watch);
                         inner
                             .stats
                             .faults_joined_background
@@ -1029,7 +1082,7 @@ impl PageSource for RemoteSource {
                 // Whole pages: a hugetlb page is never split.
                 let piece = BULK_PIECE.max(inner.geometry.page_size as usize);
                 let left = buf.len() - answer.applied;
-                if left > piece {
+                if left > piece && !answer.waited {
                     let at = answer.applied;
                     sink(Completion::Data {
                         guest_address: answer.guest_address + at as u64,
@@ -1177,6 +1230,7 @@ mod tests {
             kind: AnswerKind::Data((0..len).map(|i| (i / 4096 % 251) as u8).collect()),
             urgent_since: urgent,
             applied: 0,
+            waited: false,
         }
     }
 

@@ -8,8 +8,8 @@
 //! (nice 5: 417, nice 10: 160), fault p99 under that push 4.7x the busy host's idle p99 (nice 5:
 //! 3.8x, nice 10: 3.2x): nice 0, because a starved push is the failure operators see. [`Background::Auto`] (the default) keeps both:
 //! the thread runs under `SCHED_IDLE`, and a guard looks at it every [`TICK`]; a thread found
-//! runnable and without progress at two looks in a row, while this process did no work for
-//! faults (which it should yield to), is starved by others, and goes to normal priority.
+//! runnable and without progress at two looks in a row (four while this process did work for
+//! faults, which it yields to on purpose) is starved by others, and goes to normal priority.
 //! Every [`PROBE`] a promoted thread is tried at idle priority again, so that a host that has
 //! become idle gets its fault latency back; if it is still starved it is promoted at the next
 //! looks (a probe costs at most two ticks of push).
@@ -46,6 +46,16 @@ impl Background {
 pub const TICK: Duration = Duration::from_millis(10);
 /// How long a promoted thread runs at normal priority before it is tried at idle priority again.
 pub const PROBE: Duration = Duration::from_millis(500);
+/// A probe that finds the host still busy (the thread is promoted again within [`PROBE`])
+/// doubles the time to the next one, up to this: on a host that stays busy a probe's stall
+/// (two to four ticks without progress) costs under 1% of the push instead of 4-8%.
+pub const PROBE_MAX: Duration = Duration::from_secs(8);
+/// Looks without progress before a runnable thread is promoted: two while this process did no
+/// work for faults, more while it did (a fault's work takes microseconds, not a tick: a
+/// thread stalled that long is starved by others even while faults come, as when a guest
+/// reads right behind the push and every one of its faults waits for the background stream).
+const STALLED_LOOKS: u32 = 2;
+const STALLED_LOOKS_WITH_FAULTS: u32 = 4;
 
 /// Work done for faults in this process (urgent answers received, urgent requests served):
 /// a background thread that waits while this moves yields to this process's own faults, as
@@ -64,6 +74,26 @@ pub struct Watched {
     progress: AtomicU64,
     /// Times the guard moved it to normal priority.
     pub promotions: AtomicU64,
+    /// It runs at normal priority now (promoted, or hurried).
+    normal: AtomicBool,
+    /// [`hurry`] promoted it since the guard last looked.
+    hurried: AtomicBool,
+}
+
+/// A thread waits for what this background thread brings (a fault that joined the background
+/// stream): promote it now rather than at the guard's next looks, as priority inheritance
+/// would. Costs a syscall only when the thread is at idle priority; the guard tries idle
+/// priority again later as for any promotion.
+pub fn hurry(watched: &Watched) {
+    let tid = watched.tid.load(Ordering::Acquire);
+    if tid == 0 || watched.normal.load(Ordering::Relaxed) {
+        return;
+    }
+    if crate::sys::set_thread_idle(tid, false).is_ok() {
+        watched.normal.store(true, Ordering::Relaxed);
+        watched.hurried.store(true, Ordering::Release);
+        watched.promotions.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Watched {
@@ -104,7 +134,13 @@ struct Entry {
     watched: Weak<Watched>,
     last_progress: u64,
     stalled_looks: u32,
+    /// This process did work for faults during the current stall.
+    saw_faults: bool,
     promoted_at: Option<Instant>,
+    /// How long the next promotion lasts before a probe.
+    probe_every: Duration,
+    /// When the last probe put the thread back at idle priority.
+    probed_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -138,7 +174,10 @@ impl Guard {
                 watched: Arc::downgrade(watched),
                 last_progress: watched.progress.load(Ordering::Relaxed),
                 stalled_looks: 0,
+                saw_faults: false,
                 promoted_at: None,
+                probe_every: PROBE,
+                probed_at: None,
             });
         }
         if !self.running.swap(true, Ordering::AcqRel) {
@@ -179,29 +218,57 @@ impl Guard {
                 let progress = w.progress.load(Ordering::Relaxed);
                 let moved = progress != e.last_progress;
                 e.last_progress = progress;
+                if w.hurried.swap(false, Ordering::Acquire) && e.promoted_at.is_none() {
+                    e.promote(Instant::now());
+                }
                 match e.promoted_at {
-                    Some(at) if at.elapsed() >= PROBE => {
+                    Some(at) if at.elapsed() >= e.probe_every => {
                         // Try idle priority again: the host may be idle by now.
                         let _ = crate::sys::set_thread_idle(tid, true);
+                        w.normal.store(false, Ordering::Relaxed);
                         e.promoted_at = None;
+                        e.probed_at = Some(Instant::now());
                         e.stalled_looks = 0;
                     }
                     Some(_) => {}
                     None => {
-                        e.stalled_looks = if !moved && !own_faults && runnable(tid) {
-                            e.stalled_looks + 1
+                        if !moved && runnable(tid) {
+                            e.stalled_looks += 1;
+                            e.saw_faults |= own_faults;
                         } else {
-                            0
-                        };
-                        if e.stalled_looks >= 2 && crate::sys::set_thread_idle(tid, false).is_ok() {
-                            e.promoted_at = Some(Instant::now());
                             e.stalled_looks = 0;
+                            e.saw_faults = false;
+                        }
+                        let needed = if e.saw_faults {
+                            STALLED_LOOKS_WITH_FAULTS
+                        } else {
+                            STALLED_LOOKS
+                        };
+                        if e.stalled_looks >= needed
+                            && crate::sys::set_thread_idle(tid, false).is_ok()
+                        {
+                            w.normal.store(true, Ordering::Relaxed);
                             w.promotions.fetch_add(1, Ordering::Relaxed);
+                            e.promote(Instant::now());
                         }
                     }
                 }
             }
         }
+    }
+}
+
+impl Entry {
+    /// Bookkeeping of a promotion at `now`: a promotion soon after a probe means the host is
+    /// still busy, and the next probe waits twice as long.
+    fn promote(&mut self, now: Instant) {
+        self.probe_every = match self.probed_at.take() {
+            Some(at) if now.duration_since(at) < PROBE => (self.probe_every * 2).min(PROBE_MAX),
+            _ => PROBE,
+        };
+        self.promoted_at = Some(now);
+        self.saw_faults = false;
+        self.stalled_looks = 0;
     }
 }
 

@@ -34,6 +34,9 @@ pub enum Want {
         write: bool,
         /// The faulting thread (0 if unknown).
         thread_id: u32,
+        /// The fault reads on from the last ones (a sequential reader): it may wait for the
+        /// background stream that is bringing its page rather than ask for it again.
+        sequential: bool,
     },
     /// Background prefetch.
     Background,
