@@ -328,4 +328,72 @@ mod tests {
         assert_eq!(Background::parse("auto"), Some(Background::Auto));
         assert_eq!(Background::parse("low"), None);
     }
+
+    /// The scheduling policy of thread `tid` of this process (field 41 of its stat line).
+    fn policy(tid: i32) -> u32 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        after.split(' ').nth(38).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn a_waiting_fault_hurries_the_background_thread_and_the_guard_probes_it_back() {
+        const SCHED_OTHER: u32 = 0;
+        const SCHED_IDLE: u32 = 5;
+        let watched = Arc::new(Watched::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (watched, stop) = (watched.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let _registration = background_thread(Background::Auto, &watched);
+                tx.send(nix::unistd::gettid().as_raw()).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    watched.tick();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        let tid = rx.recv().unwrap();
+        assert_eq!(policy(tid), SCHED_IDLE);
+        hurry(&watched);
+        assert_eq!(policy(tid), SCHED_OTHER);
+        assert_eq!(watched.promotions.load(Ordering::Relaxed), 1);
+        hurry(&watched); // already at normal priority: nothing to do
+        assert_eq!(watched.promotions.load(Ordering::Relaxed), 1);
+        // Not starved: the guard tries idle priority again after PROBE.
+        let began = Instant::now();
+        while policy(tid) != SCHED_IDLE && began.elapsed() < PROBE * 4 {
+            std::thread::sleep(TICK);
+        }
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap();
+        assert!(began.elapsed() < PROBE * 4, "never probed back to idle priority");
+    }
+
+    #[test]
+    fn probes_back_off_while_the_host_stays_busy() {
+        let mut e = Entry {
+            watched: Weak::new(),
+            last_progress: 0,
+            stalled_looks: 0,
+            saw_faults: false,
+            promoted_at: None,
+            probe_every: PROBE,
+            probed_at: None,
+        };
+        let now = Instant::now();
+        e.promote(now);
+        assert_eq!(e.probe_every, PROBE);
+        // Promoted again right after each probe: twice as long each time, up to PROBE_MAX.
+        for want in [2, 4, 8, 16, 16] {
+            e.probed_at = Some(now);
+            e.promote(now + TICK * 2);
+            assert_eq!(e.probe_every, (PROBE * want).min(PROBE_MAX));
+        }
+        // A probe that held (promoted only much later): back to PROBE.
+        e.probed_at = Some(now);
+        e.promote(now + PROBE * 3);
+        assert_eq!(e.probe_every, PROBE);
+    }
 }
