@@ -306,6 +306,7 @@ fn connect(config: &RemoteConfig, key: &[u8], security: &Security) -> Result<Con
     let open = |role: Role| -> Result<(Halves, super::protocol::ServerInfo)> {
         let mut s = open_stream(config, role)?;
         let _ = s.set_nodelay(true);
+
         s.set_read_timeout(Some(config.connect_timeout))
             .and_then(|_| s.set_write_timeout(Some(config.connect_timeout)))
             .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
@@ -763,6 +764,7 @@ impl Inner {
         let _watched = (channel == Role::Bulk as usize)
             .then(|| super::priority::background_thread(self.config.background, &self.bulk_watch))
             .flatten();
+
         match self.receive_frames(channel, &mut stream) {
             Ok(()) => {}
             Err(e @ Error::Protocol(_)) => {
@@ -1012,7 +1014,10 @@ impl PageSource for RemoteSource {
                     });
                     if sequential || near {
                         r.waited.get_or_insert((guest_address, Instant::now()));
-                        super::priority::hurry(&inner.bulk_watch);
+                        if sequential {
+                            // The stream is this reader's supply now: let nothing idle it.
+                            super::priority::hurry(&inner.bulk_watch);
+                        }
                         inner
                             .stats
                             .faults_joined_background

@@ -368,7 +368,10 @@ mod tests {
         }
         stop.store(true, Ordering::Relaxed);
         worker.join().unwrap();
-        assert!(began.elapsed() < PROBE * 4, "never probed back to idle priority");
+        assert!(
+            began.elapsed() < PROBE * 4,
+            "never probed back to idle priority"
+        );
     }
 
     #[test]
