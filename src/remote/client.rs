@@ -306,7 +306,6 @@ fn connect(config: &RemoteConfig, key: &[u8], security: &Security) -> Result<Con
     let open = |role: Role| -> Result<(Halves, super::protocol::ServerInfo)> {
         let mut s = open_stream(config, role)?;
         let _ = s.set_nodelay(true);
-
         s.set_read_timeout(Some(config.connect_timeout))
             .and_then(|_| s.set_write_timeout(Some(config.connect_timeout)))
             .map_err(|e| super::protocol::io_error("setting socket timeouts", e))?;
@@ -764,7 +763,6 @@ impl Inner {
         let _watched = (channel == Role::Bulk as usize)
             .then(|| super::priority::background_thread(self.config.background, &self.bulk_watch))
             .flatten();
-
         match self.receive_frames(channel, &mut stream) {
             Ok(()) => {}
             Err(e @ Error::Protocol(_)) => {
