@@ -471,7 +471,9 @@ impl EventLoop {
                         Ok(PageData::Zero) => Fill::Zero,
                         Ok(PageData::Pending) => {
                             release(PageState::Urgent);
-                            Stats::add(&sh.stats.pages_faulted_around, n as u64 - 1);
+                            if n > 1 {
+                                Stats::add(&sh.stats.pages_faulted_around, n as u64 - 1);
+                            }
                             return Ok(Outcome::Parked);
                         }
                         Ok(PageData::Busy) => {
@@ -485,10 +487,13 @@ impl EventLoop {
                     };
                     let outcome = self.fill_run(fault.region, fault.index, n, fill, prev, false)?;
                     if outcome == Outcome::Done && prev == PageState::Missing {
-                        Stats::add(&sh.stats.pages_faulted_around, n as u64 - 1);
-                        // The window is logged with its fault: pages the guest reads on into.
-                        for k in 0..n as u64 {
-                            self.log_access(gpa + k * region.page_size);
+                        self.log_access(gpa);
+                        if n > 1 {
+                            Stats::add(&sh.stats.pages_faulted_around, n as u64 - 1);
+                            // The window is logged with its fault: pages the guest reads on into.
+                            for k in 1..n as u64 {
+                                self.log_access(gpa + k * region.page_size);
+                            }
                         }
                     }
                     Ok(outcome)
