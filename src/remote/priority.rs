@@ -89,14 +89,22 @@ pub fn hurry(watched: &Watched) {
     if tid == 0 || watched.normal.load(Ordering::Relaxed) {
         return;
     }
-    if crate::sys::set_thread_idle(tid, false).is_ok() {
-        watched.normal.store(true, Ordering::Relaxed);
+    if watched.promote(tid) {
         watched.hurried.store(true, Ordering::Release);
-        watched.promotions.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 impl Watched {
+    /// Moves thread `tid` (this one's) to normal priority and counts it; false if refused.
+    fn promote(&self, tid: i32) -> bool {
+        let done = crate::sys::set_thread_idle(tid, false).is_ok();
+        if done {
+            self.normal.store(true, Ordering::Relaxed);
+            self.promotions.fetch_add(1, Ordering::Relaxed);
+        }
+        done
+    }
+
     /// Counts a unit of work done (a frame received or a request served): cheap enough for
     /// every frame.
     pub fn tick(&self) {
@@ -244,11 +252,7 @@ impl Guard {
                         } else {
                             STALLED_LOOKS
                         };
-                        if e.stalled_looks >= needed
-                            && crate::sys::set_thread_idle(tid, false).is_ok()
-                        {
-                            w.normal.store(true, Ordering::Relaxed);
-                            w.promotions.fetch_add(1, Ordering::Relaxed);
+                        if e.stalled_looks >= needed && w.promote(tid) {
                             e.promote(Instant::now());
                         }
                     }
