@@ -22,7 +22,10 @@ def test_remote_section_reports_every_figure() -> None:
     assert remote["bytes"] == 16 << 20
     assert set(remote["throughput_mib_s"]) == {
         "raw TCP",
+        "raw TCP + UFFDIO_COPY",
+        "raw TCP + shmem write + CONTINUE",
         "push random",
+        "push random, MINOR shmem",
         "push half-zero",
         "push random, plaintext",
         "push random, TLS",
@@ -30,6 +33,7 @@ def test_remote_section_reports_every_figure() -> None:
     assert all(v > 0 for v in remote["throughput_mib_s"].values())
     # The random image is incompressible: every byte crosses the wire; half the other is zero.
     assert remote["bytes_received"]["push random"] == 16 << 20
+    assert remote["bytes_received"]["push random, MINOR shmem"] == 16 << 20
     assert remote["bytes_received"]["push half-zero"] == 8 << 20
     # The same bytes whatever protects them.
     assert remote["bytes_received"]["push random, plaintext"] == 16 << 20
@@ -49,8 +53,9 @@ def test_remote_section_reports_every_figure() -> None:
         assert len(push_s) == 1 and push_s[0] > 0
     assert remote["server_summary"].startswith("served ")
     bench.evaluate_targets(report)
-    # Push vs raw TCP (2), encrypted push vs raw TCP (2), encrypted p99 vs plaintext (2), p99
-    # under push vs idle (pooled, and the worst repetition), the urgent channel.
+    # Push vs raw TCP (3: anonymous random and half-zero, MINOR shmem), encrypted push vs raw
+    # TCP (2), encrypted p99 vs plaintext (2), p99 under push vs idle (pooled, and the worst
+    # repetition), the urgent channel.
     seq = remote["sequential"]
     assert set(seq) == {"idle", "one CPU busy"}
     for x in seq.values():
@@ -58,6 +63,27 @@ def test_remote_section_reports_every_figure() -> None:
         assert x["push_s"] > 0 and x["reader_total_s"] > 0
         assert 0 <= x["faults"] <= x["pages"] * 2
     # ... and the sequential reader's two per host.
-    assert sum(t["target"].startswith("remote ") for t in report.targets) == 13
+    assert sum(t["target"].startswith("remote ") for t in report.targets) == 14
     text = bench.render(report)
     assert "Remote post-copy over loopback TCP" in text and "no urgent channel" in text
+    assert "kernel bound, anon" in text and "kernel bound, MINOR" in text
+    minor = next(t for t in report.targets if "MINOR shmem / raw TCP" in t["target"])
+    assert "the kernel's share alone" in minor["note"]
+
+
+@pytest.mark.parametrize("place", ["none", "copy", "minor"])
+def test_raw_stream_places_what_it_receives(place: str) -> None:
+    # The kernel-bound rows: the raw stream's receiver puts every chunk into memory.
+    from pagewarden import _native
+
+    seconds = _native._bench_tcp_stream(4 << 20, 256 << 10, place=place)
+    assert seconds > 0
+
+
+def test_raw_stream_rejects_bad_placement() -> None:
+    from pagewarden import _native
+
+    with pytest.raises(Exception, match="place must be"):
+        _native._bench_tcp_stream(1 << 20, 4096, place="sideways")
+    with pytest.raises(Exception, match="multiples of 4096"):
+        _native._bench_tcp_stream(1 << 20, 1000, place="copy")

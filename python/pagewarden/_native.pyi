@@ -126,8 +126,11 @@ def _bench_tcp_stream(
     chunk: int = ...,
     sender_cpu: int | None = None,
     receiver_cpu: int | None = None,
+    place: str = "none",
 ) -> float:
-    """Streams bytes over loopback TCP between two native threads; the seconds it took."""
+    """Streams bytes over loopback TCP between two native threads; the seconds it took. With
+    ``place`` "copy" or "minor" the receiver also puts each chunk into memory ("copy":
+    UFFDIO_COPY into anonymous memory; "minor": memfd write + UFFDIO_CONTINUE)."""
 
 def _bench_poison_lookups(
     poison: PoisonSet,

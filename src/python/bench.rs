@@ -226,18 +226,104 @@ fn _bench_touch_pages(
     .py_err()
 }
 
+/// Where the receiving end of [`_bench_tcp_stream`] puts what it reads: the least kernel work a
+/// push into guest memory needs once the bytes are in, on the receiver's CPU.
+enum Placement {
+    /// Nothing: the bytes are read and dropped (the raw TCP stream).
+    None,
+    /// `UFFDIO_COPY` into anonymous memory registered MISSING (a push into anonymous memory).
+    Copy {
+        uffd: crate::uffd::Uffd,
+        memory: crate::sys::mapping::Mapping,
+    },
+    /// `pwrite` into a memfd's page cache, then `UFFDIO_CONTINUE` on its mapping registered
+    /// MINOR (a push into MINOR-mode shmem).
+    Minor {
+        uffd: crate::uffd::Uffd,
+        file: std::fs::File,
+        memory: crate::sys::mapping::Mapping,
+    },
+}
+
+impl Placement {
+    fn new(name: &str, len: u64) -> Result<Self, Error> {
+        use crate::sys::{self as abi};
+        use std::os::fd::AsFd;
+        let os = |what: &'static str| move |e: nix::errno::Errno| Error::os(what, e);
+        let register = |uffd: &crate::uffd::Uffd, address: usize, mode: u64| {
+            uffd.register(address as u64, len, mode)
+                .map_err(os("UFFDIO_REGISTER"))
+        };
+        match name {
+            "none" => Ok(Placement::None),
+            "copy" => {
+                let uffd = crate::uffd::Uffd::new(0, 0)?;
+                let memory =
+                    crate::sys::mapping::Mapping::anonymous(len as usize).map_err(os("mmap"))?;
+                register(&uffd, memory.address(), abi::UFFDIO_REGISTER_MODE_MISSING)?;
+                Ok(Placement::Copy { uffd, memory })
+            }
+            "minor" => {
+                let uffd = crate::uffd::Uffd::new(abi::UFFD_FEATURE_MINOR_SHMEM, 0)?;
+                let fd = nix::sys::memfd::memfd_create(
+                    c"pagewarden-bench",
+                    nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+                )
+                .map_err(os("memfd_create"))?;
+                let file = std::fs::File::from(fd);
+                file.set_len(len)
+                    .map_err(|e| Error::Config(format!("sizing the memfd: {e}")))?;
+                let memory = crate::sys::mapping::Mapping::shared(file.as_fd(), len as usize)
+                    .map_err(os("mmap"))?;
+                register(&uffd, memory.address(), abi::UFFDIO_REGISTER_MODE_MINOR)?;
+                Ok(Placement::Minor { uffd, file, memory })
+            }
+            other => Err(Error::Config(format!(
+                "place must be \"none\", \"copy\" or \"minor\", not {other:?}"
+            ))),
+        }
+    }
+
+    /// Places `data` (whole pages) at offset `at`.
+    fn place(&self, at: u64, data: &[u8]) -> Result<(), Error> {
+        use std::os::unix::fs::FileExt;
+        let partial = |what: &'static str| move |p: crate::uffd::Partial| Error::os(what, p.errno);
+        match self {
+            Placement::None => Ok(()),
+            Placement::Copy { uffd, memory } => uffd
+                .copy(
+                    memory.address() as u64 + at,
+                    data.as_ptr() as u64,
+                    data.len() as u64,
+                    false,
+                )
+                .map_err(partial("UFFDIO_COPY")),
+            Placement::Minor { uffd, file, memory } => {
+                file.write_all_at(data, at)
+                    .map_err(|e| Error::Config(format!("writing the memfd: {e}")))?;
+                uffd.continue_range(memory.address() as u64 + at, data.len() as u64, false)
+                    .map_err(partial("UFFDIO_CONTINUE"))
+            }
+        }
+    }
+}
+
 /// The raw loopback TCP bound: one native thread (pinned to `sender_cpu` if given) writes
 /// `total_bytes` of incompressible bytes in `chunk`-byte writes over a 127.0.0.1 connection,
-/// another (pinned to `receiver_cpu`) reads them in `chunk`-byte reads. No Python per chunk;
-/// runs with the GIL released. Returns the seconds from the connect to the last byte read.
+/// another (pinned to `receiver_cpu`) reads them in `chunk`-byte reads. With `place` "copy" the
+/// receiver also puts each chunk into anonymous memory with `UFFDIO_COPY`, with "minor" into a
+/// memfd's page cache followed by `UFFDIO_CONTINUE` (the kernel's share of a push on one
+/// destination CPU, with no protocol at all). No Python per chunk; runs with the GIL released.
+/// Returns the seconds from the connect to the last byte read (and placed).
 #[pyfunction]
-#[pyo3(signature = (total_bytes, chunk = 1 << 20, sender_cpu = None, receiver_cpu = None))]
+#[pyo3(signature = (total_bytes, chunk = 1 << 20, sender_cpu = None, receiver_cpu = None, place = "none"))]
 fn _bench_tcp_stream(
     py: Python<'_>,
     total_bytes: u64,
     chunk: usize,
     sender_cpu: Option<usize>,
     receiver_cpu: Option<usize>,
+    place: &str,
 ) -> PyResult<f64> {
     if chunk == 0 || total_bytes == 0 {
         return Err(Error::Config(
@@ -245,6 +331,14 @@ fn _bench_tcp_stream(
         ))
         .py_err();
     }
+    let page = 4096u64;
+    if place != "none" && (chunk as u64 % page != 0 || total_bytes % page != 0) {
+        return Err(Error::Config(format!(
+            "with place={place:?}, total_bytes and chunk must be multiples of {page}"
+        )))
+        .py_err();
+    }
+    let placement = Placement::new(place, total_bytes).py_err()?;
     let io = |what: &'static str| move |e: std::io::Error| Error::Config(format!("{what}: {e}"));
     py.detach(move || {
         let listener = TcpListener::bind("127.0.0.1:0").map_err(io("binding 127.0.0.1:0"))?;
@@ -261,12 +355,21 @@ fn _bench_tcp_stream(
                 let (mut stream, _) = listener.accept().map_err(io("accept"))?;
                 let mut buffer = vec![0u8; chunk];
                 let mut received = 0u64;
-                while received < total_bytes {
-                    let n = stream.read(&mut buffer).map_err(io("read"))?;
-                    if n == 0 {
-                        return Err(Error::Config("the sender closed early".into()));
+                if let Placement::None = placement {
+                    while received < total_bytes {
+                        let n = stream.read(&mut buffer).map_err(io("read"))?;
+                        if n == 0 {
+                            return Err(Error::Config("the sender closed early".into()));
+                        }
+                        received += n as u64;
                     }
-                    received += n as u64;
+                } else {
+                    while received < total_bytes {
+                        let n = (total_bytes - received).min(chunk as u64) as usize;
+                        stream.read_exact(&mut buffer[..n]).map_err(io("read"))?;
+                        placement.place(received, &buffer[..n])?;
+                        received += n as u64;
+                    }
                 }
                 Ok(Instant::now())
             })
