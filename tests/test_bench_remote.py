@@ -81,9 +81,10 @@ def test_raw_stream_places_what_it_receives(place: str) -> None:
 
 
 def test_raw_stream_rejects_bad_placement() -> None:
+    import pagewarden as pw
     from pagewarden import _native
 
-    with pytest.raises(Exception, match="place must be"):
+    with pytest.raises(pw.ConfigurationError, match="place must be"):
         _native._bench_tcp_stream(1 << 20, 4096, place="sideways")
-    with pytest.raises(Exception, match="multiples of 4096"):
+    with pytest.raises(pw.ConfigurationError, match="multiples of 4096"):
         _native._bench_tcp_stream(1 << 20, 1000, place="copy")

@@ -247,7 +247,7 @@ enum Placement {
 
 impl Placement {
     fn new(name: &str, len: u64) -> Result<Self, Error> {
-        use crate::sys::{self as abi};
+        use crate::sys as abi;
         use std::os::fd::AsFd;
         let os = |what: &'static str| move |e: nix::errno::Errno| Error::os(what, e);
         let register = |uffd: &crate::uffd::Uffd, address: usize, mode: u64| {
